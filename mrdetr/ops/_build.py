@@ -122,12 +122,12 @@ def _flags(kind: str) -> dict:
     # thread inside an extension.
     omp = [] if sys.platform == "darwin" else ["-fopenmp"]
     flags = {
-        "extra_cflags": ["-O3", "-std=c++17", *omp],
+        "extra_cflags": ["-O3", *omp],
         "extra_ldflags": list(omp),
         "extra_include_paths": [str(sources_root())],
     }
     if kind == "cuda":
-        flags["extra_cuda_cflags"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        flags["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr"]
     return flags
 
 

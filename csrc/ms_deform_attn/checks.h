@@ -1,0 +1,39 @@
+// Argument checks shared by the CPU and CUDA kernels: a safety net for direct calls to
+// torch.ops.mrdetr.* (the Python wrapper raises clearer errors first).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace mrdetr {
+
+inline void check_op_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index,
+                            const at::Tensor& sampling_locations,
+                            const at::Tensor& attention_weights) {
+  TORCH_CHECK(value.dim() == 4, "value must be [B, S, H, D], got ", value.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
+              "spatial_shapes must be [L, 2], got ", spatial_shapes.sizes());
+  const int64_t levels = spatial_shapes.size(0);
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == levels,
+              "level_start_index must be [L], got ", level_start_index.sizes());
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(0) == value.size(0) &&
+                  sampling_locations.size(2) == value.size(2) &&
+                  sampling_locations.size(3) == levels && sampling_locations.size(5) == 2,
+              "sampling_locations must be [B, Q, H, L, P, 2], got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+              "attention_weights must be [B, Q, H, L, P], got ", attention_weights.sizes());
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong &&
+                  level_start_index.scalar_type() == at::kLong,
+              "spatial_shapes and level_start_index must be int64");
+  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
+                  attention_weights.scalar_type() == value.scalar_type(),
+              "value, sampling_locations and attention_weights must share one dtype");
+  for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations,
+                              &attention_weights}) {
+    TORCH_CHECK(t->device() == value.device(), "all inputs must be on value's device ",
+                value.device(), ", got ", t->device());
+  }
+}
+
+}  // namespace mrdetr

@@ -1,0 +1,170 @@
+// CPU kernels of mrdetr::ms_deform_attn_{forward,backward}.
+//
+// Forward is parallel over (batch, query): every output row is written by one thread.
+// Backward is parallel over (batch, head): the value-gradient slice [b, :, h, :] belongs to one
+// thread, which walks the queries in order, so the result is deterministic and race-free.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "ms_deform_attn.h"
+
+namespace mrdetr {
+namespace {
+
+struct Levels {
+  std::vector<int64_t> height, width, start;
+};
+
+Levels read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index) {
+  const auto ss = spatial_shapes.contiguous();
+  const auto ls = level_start_index.contiguous();
+  const int64_t* s = ss.data_ptr<int64_t>();
+  const int64_t* l = ls.data_ptr<int64_t>();
+  Levels lv;
+  for (int64_t i = 0; i < ss.size(0); ++i) {
+    lv.height.push_back(s[2 * i]);
+    lv.width.push_back(s[2 * i + 1]);
+    lv.start.push_back(l[i]);
+  }
+  return lv;
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& value, const Levels& lv, const at::Tensor& loc,
+                    const at::Tensor& attn, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = value.size(0), S = value.size(1), H = value.size(2), D = value.size(3);
+  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
+  const scalar_t* v = value.data_ptr<scalar_t>();
+  const scalar_t* lp = loc.data_ptr<scalar_t>();
+  const scalar_t* ap = attn.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, B * Q, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / Q;
+      for (int64_t h = 0; h < H; ++h) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const int64_t point0 = (bq * H + h) * L * P;  // index of [b, q, h, 0, 0]
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t* vl = v + ((b * S + lv.start[l]) * H + h) * D;
+          for (int64_t p = 0; p < P; ++p) {
+            const int64_t i = point0 + l * P + p;
+            const auto bil = bilinear<acc_t>(static_cast<acc_t>(lp[2 * i]),
+                                             static_cast<acc_t>(lp[2 * i + 1]), lv.height[l],
+                                             lv.width[l]);
+            point_forward<scalar_t, acc_t>(vl, H * D, bil, static_cast<acc_t>(ap[i]), D,
+                                           acc.data());
+          }
+        }
+        scalar_t* o = op + (bq * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const Levels& lv,
+                     const at::Tensor& loc, const at::Tensor& attn, at::Tensor& grad_value_acc,
+                     at::Tensor& grad_loc, at::Tensor& grad_attn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = value.size(0), S = value.size(1), H = value.size(2), D = value.size(3);
+  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
+  const scalar_t* v = value.data_ptr<scalar_t>();
+  const scalar_t* g = grad_out.data_ptr<scalar_t>();
+  const scalar_t* lp = loc.data_ptr<scalar_t>();
+  const scalar_t* ap = attn.data_ptr<scalar_t>();
+  acc_t* gv = grad_value_acc.data_ptr<acc_t>();
+  scalar_t* glp = grad_loc.data_ptr<scalar_t>();
+  scalar_t* gap = grad_attn.data_ptr<scalar_t>();
+  const auto add = [](acc_t* dst, acc_t x) { *dst += x; };
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t row = (b * Q + q) * H + h;  // [b, q, h] in grad_out / points
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t off = ((b * S + lv.start[l]) * H + h) * D;
+          for (int64_t p = 0; p < P; ++p) {
+            const int64_t i = (row * L + l) * P + p;
+            const auto bil = bilinear<acc_t>(static_cast<acc_t>(lp[2 * i]),
+                                             static_cast<acc_t>(lp[2 * i + 1]), lv.height[l],
+                                             lv.width[l]);
+            acc_t gx, gy, ga;
+            point_backward<scalar_t, acc_t>(v + off, gv + off, H * D, bil,
+                                            static_cast<acc_t>(ap[i]), g + row * D, D,
+                                            lv.height[l], lv.width[l], add, &gx, &gy, &ga);
+            glp[2 * i] = static_cast<scalar_t>(gx);
+            glp[2 * i + 1] = static_cast<scalar_t>(gy);
+            gap[i] = static_cast<scalar_t>(ga);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights) {
+  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights);
+  const auto val = value.contiguous();
+  const auto loc = sampling_locations.contiguous();
+  const auto attn = attention_weights.contiguous();
+  auto out = at::empty({val.size(0), loc.size(1), val.size(2) * val.size(3)}, val.options());
+  if (out.numel() == 0) return out;
+  const Levels lv = read_levels(spatial_shapes, level_start_index);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val.scalar_type(),
+                                  "ms_deform_attn_forward_cpu",
+                                  [&] { forward_kernel<scalar_t>(val, lv, loc, attn, out); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights);
+  const auto val = value.contiguous();
+  const auto loc = sampling_locations.contiguous();
+  const auto attn = attention_weights.contiguous();
+  const auto grad = grad_output.contiguous();
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({val.size(0), loc.size(1), val.size(2) * val.size(3)}),
+              "grad_output must be [B, Q, H*D], got ", grad.sizes());
+  const auto acc_type = at::toOpMathType(val.scalar_type());
+  auto grad_value_acc = at::zeros(val.sizes(), val.options().dtype(acc_type));
+  auto grad_loc = at::empty_like(loc);
+  auto grad_attn = at::empty_like(attn);
+  if (loc.numel() > 0 && val.numel() > 0) {
+    const Levels lv = read_levels(spatial_shapes, level_start_index);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val.scalar_type(),
+                                    "ms_deform_attn_backward_cpu", [&] {
+                                      backward_kernel<scalar_t>(grad, val, lv, loc, attn,
+                                                                grad_value_acc, grad_loc,
+                                                                grad_attn);
+                                    });
+  } else {
+    grad_loc.zero_();
+    grad_attn.zero_();
+  }
+  return {grad_value_acc.to(val.scalar_type()), grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mrdetr, CPU, m) {
+  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace mrdetr

@@ -1,0 +1,168 @@
+// CUDA kernels of mrdetr::ms_deform_attn_{forward,backward}. The per-point math is the same
+// inline code the CPU kernel runs (ms_deform_attn.h).
+//
+// Forward: one thread per output element (b, q, h, d), so neighbouring threads read
+// neighbouring channels. Backward: one thread per sampling point (b, q, h, l, p); the value
+// gradient is accumulated with atomicAdd into an fp32 (fp64 for double) buffer.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "checks.h"
+#include "ms_deform_attn.h"
+
+namespace mrdetr {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t num_blocks(int64_t n) {
+  return std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 30);
+}
+
+struct AtomicAdd {
+  template <typename T>
+  __device__ __forceinline__ void operator()(T* dst, T x) const { atomicAdd(dst, x); }
+};
+
+template <typename scalar_t>
+__global__ void forward_kernel(const scalar_t* __restrict__ value,
+                               const int64_t* __restrict__ shapes,
+                               const int64_t* __restrict__ starts,
+                               const scalar_t* __restrict__ loc, const scalar_t* __restrict__ attn,
+                               scalar_t* __restrict__ out, int64_t B, int64_t S, int64_t Q,
+                               int64_t H, int64_t D, int64_t L, int64_t P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = B * Q * H * D;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t d = idx % D;
+    const int64_t bqh = idx / D;  // [b, q, h]
+    const int64_t h = bqh % H;
+    const int64_t b = bqh / (H * Q);
+    acc_t acc = acc_t(0);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+      const scalar_t* vl = value + ((b * S + starts[l]) * H + h) * D;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t i = (bqh * L + l) * P + p;
+        const auto bil = bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]),
+                                         static_cast<acc_t>(loc[2 * i + 1]), height, width);
+        acc += static_cast<acc_t>(attn[i]) * sample_channel<scalar_t, acc_t>(vl, H * D, bil, d);
+      }
+    }
+    out[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+template <typename scalar_t>
+__global__ void backward_kernel(const scalar_t* __restrict__ grad_out,
+                                const scalar_t* __restrict__ value,
+                                const int64_t* __restrict__ shapes,
+                                const int64_t* __restrict__ starts,
+                                const scalar_t* __restrict__ loc,
+                                const scalar_t* __restrict__ attn,
+                                at::opmath_type<scalar_t>* __restrict__ grad_value,
+                                scalar_t* __restrict__ grad_loc, scalar_t* __restrict__ grad_attn,
+                                int64_t B, int64_t S, int64_t Q, int64_t H, int64_t D, int64_t L,
+                                int64_t P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = B * Q * H * L * P;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t l = (i / P) % L;
+    const int64_t bqh = i / (L * P);  // [b, q, h]
+    const int64_t h = bqh % H;
+    const int64_t b = bqh / (H * Q);
+    const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+    const int64_t off = ((b * S + starts[l]) * H + h) * D;
+    const auto bil = bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]),
+                                     static_cast<acc_t>(loc[2 * i + 1]), height, width);
+    acc_t gx, gy, ga;
+    point_backward<scalar_t, acc_t>(value + off, grad_value + off, H * D, bil,
+                                    static_cast<acc_t>(attn[i]), grad_out + bqh * D, D, height,
+                                    width, AtomicAdd{}, &gx, &gy, &ga);
+    grad_loc[2 * i] = static_cast<scalar_t>(gx);
+    grad_loc[2 * i + 1] = static_cast<scalar_t>(gy);
+    grad_attn[i] = static_cast<scalar_t>(ga);
+  }
+}
+
+at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                       const at::Tensor& level_start_index,
+                                       const at::Tensor& sampling_locations,
+                                       const at::Tensor& attention_weights) {
+  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights);
+  const c10::cuda::CUDAGuard guard(value.device());
+  const auto val = value.contiguous();
+  const auto loc = sampling_locations.contiguous();
+  const auto attn = attention_weights.contiguous();
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  const int64_t B = val.size(0), S = val.size(1), H = val.size(2), D = val.size(3);
+  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
+  auto out = at::empty({B, Q, H * D}, val.options());
+  if (out.numel() == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, val.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+        forward_kernel<scalar_t><<<num_blocks(out.numel()), kThreads, 0, stream>>>(
+            val.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+            loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, S,
+            Q, H, D, L, P);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights);
+  const c10::cuda::CUDAGuard guard(value.device());
+  const auto val = value.contiguous();
+  const auto loc = sampling_locations.contiguous();
+  const auto attn = attention_weights.contiguous();
+  const auto grad = grad_output.contiguous();
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  const int64_t B = val.size(0), S = val.size(1), H = val.size(2), D = val.size(3);
+  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, Q, H * D}), "grad_output must be [B, Q, H*D], got ",
+              grad.sizes());
+  const auto acc_type = at::toOpMathType(val.scalar_type());
+  auto grad_value = at::zeros(val.sizes(), val.options().dtype(acc_type));
+  auto grad_loc = at::zeros_like(loc);
+  auto grad_attn = at::zeros_like(attn);
+  if (attn.numel() > 0 && val.numel() > 0) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, val.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+          backward_kernel<scalar_t><<<num_blocks(attn.numel()), kThreads, 0, stream>>>(
+              grad.data_ptr<scalar_t>(), val.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+              starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+              grad_value.data_ptr<at::opmath_type<scalar_t>>(), grad_loc.data_ptr<scalar_t>(),
+              grad_attn.data_ptr<scalar_t>(), B, S, Q, H, D, L, P);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+  return {grad_value.to(val.scalar_type()), grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mrdetr, CUDA, m) {
+  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cuda);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
+}
+
+}  // namespace mrdetr

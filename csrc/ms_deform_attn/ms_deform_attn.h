@@ -1,0 +1,123 @@
+// Multi-scale deformable attention: the per-point math shared by the CPU and CUDA kernels.
+//
+// Every function here is inline and __host__ __device__, so the CPU kernel (tested on every
+// development machine) runs exactly the code the CUDA kernel runs on a GPU. Values are read as
+// scalar_t and accumulated in acc_t (float for half/bfloat16, else scalar_t).
+//
+// Layout: `v` points at value[b, level_start, h, 0]; a pixel (y, x) of the level lives at
+// v + (y * width + x) * pixel_stride, with pixel_stride = H * D (value is [B, S, H, D]).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MRDETR_HD __host__ __device__ __forceinline__
+#else
+#define MRDETR_HD inline
+#endif
+
+namespace mrdetr {
+
+MRDETR_HD float floor_(float x) { return floorf(x); }
+MRDETR_HD double floor_(double x) { return ::floor(x); }
+
+// The four bilinear corners of one sampling point on one level (zero padding).
+template <typename acc_t>
+struct Bilinear {
+  int64_t offset[4];  // pixel index y * width + x of corners (y0,x0) (y0,x1) (y1,x0) (y1,x1); -1 = outside
+  acc_t weight[4];    // bilinear weight of each corner
+  acc_t lx, ly;       // fractional position inside the cell, for gradients
+};
+
+// Pixel coordinates follow grid_sample(align_corners=False): x = loc_x * width - 0.5.
+// Points with x <= -1, x >= width (same for y) or NaN touch no pixel: every offset is -1.
+template <typename acc_t>
+MRDETR_HD Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width) {
+  Bilinear<acc_t> b;
+  const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
+  const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
+  if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(width) &&
+        y < static_cast<acc_t>(height))) {
+    for (int c = 0; c < 4; ++c) {
+      b.offset[c] = -1;
+      b.weight[c] = acc_t(0);
+    }
+    b.lx = b.ly = acc_t(0);
+    return b;
+  }
+  const acc_t x0f = floor_(x), y0f = floor_(y);
+  const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
+  b.lx = x - x0f;
+  b.ly = y - y0f;
+  const acc_t hx = acc_t(1) - b.lx, hy = acc_t(1) - b.ly;
+  const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 < width, in_y0 = y0 >= 0, in_y1 = y0 + 1 < height;
+  b.offset[0] = (in_y0 && in_x0) ? y0 * width + x0 : -1;
+  b.offset[1] = (in_y0 && in_x1) ? y0 * width + x0 + 1 : -1;
+  b.offset[2] = (in_y1 && in_x0) ? (y0 + 1) * width + x0 : -1;
+  b.offset[3] = (in_y1 && in_x1) ? (y0 + 1) * width + x0 + 1 : -1;
+  b.weight[0] = hy * hx;
+  b.weight[1] = hy * b.lx;
+  b.weight[2] = b.ly * hx;
+  b.weight[3] = b.ly * b.lx;
+  return b;
+}
+
+// One channel of one sample: sum over in-bounds corners of weight * value.
+template <typename scalar_t, typename acc_t>
+MRDETR_HD acc_t sample_channel(const scalar_t* v, int64_t pixel_stride, const Bilinear<acc_t>& b,
+                               int64_t d) {
+  acc_t s = acc_t(0);
+  for (int c = 0; c < 4; ++c) {
+    if (b.offset[c] >= 0) s += b.weight[c] * static_cast<acc_t>(v[b.offset[c] * pixel_stride + d]);
+  }
+  return s;
+}
+
+// out[0:D] += attn * sample(0:D), corner by corner so the channel loop is a contiguous axpy.
+template <typename scalar_t, typename acc_t>
+MRDETR_HD void point_forward(const scalar_t* v, int64_t pixel_stride, const Bilinear<acc_t>& b,
+                             acc_t attn, int64_t channels, acc_t* out) {
+  for (int c = 0; c < 4; ++c) {
+    if (b.offset[c] < 0) continue;
+    const scalar_t* vc = v + b.offset[c] * pixel_stride;
+    const acc_t w = attn * b.weight[c];
+    for (int64_t d = 0; d < channels; ++d) out[d] += w * static_cast<acc_t>(vc[d]);
+  }
+}
+
+// Backward of one sampling point over its D channels, given g = grad_output[b, q, h, 0:D].
+//   grad_value[corner c, d] += attn * weight_c * g[d]           (through `add`, so the CUDA
+//                                                                 kernel can add atomically)
+//   grad_attn = sum_c weight_c * <g, v_c>
+//   grad_loc  = attn * d(sum_c weight_c <g, v_c>)/d(loc), with dx/dloc_x = width, dy/dloc_y = height
+// The per-corner dot products <g, v_c> carry everything the location and weight gradients need.
+template <typename scalar_t, typename acc_t, typename AddFn>
+MRDETR_HD void point_backward(const scalar_t* v, acc_t* grad_v, int64_t pixel_stride,
+                              const Bilinear<acc_t>& b, acc_t attn, const scalar_t* g,
+                              int64_t channels, int64_t height, int64_t width, AddFn add,
+                              acc_t* grad_loc_x, acc_t* grad_loc_y, acc_t* grad_attn) {
+  acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  for (int c = 0; c < 4; ++c) {
+    if (b.offset[c] < 0) continue;
+    const scalar_t* vc = v + b.offset[c] * pixel_stride;
+    acc_t* gc = grad_v + b.offset[c] * pixel_stride;
+    const acc_t w = attn * b.weight[c];
+    acc_t s = acc_t(0);
+    for (int64_t d = 0; d < channels; ++d) {
+      const acc_t gd = static_cast<acc_t>(g[d]);
+      s += gd * static_cast<acc_t>(vc[d]);
+      add(gc + d, w * gd);
+    }
+    dot[c] = s;
+  }
+  const acc_t hx = acc_t(1) - b.lx, hy = acc_t(1) - b.ly;
+  *grad_attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] +
+               b.weight[3] * dot[3];
+  *grad_loc_x = attn * static_cast<acc_t>(width) *
+                (hy * (dot[1] - dot[0]) + b.ly * (dot[3] - dot[2]));
+  *grad_loc_y = attn * static_cast<acc_t>(height) *
+                (hx * (dot[2] - dot[0]) + b.lx * (dot[3] - dot[1]));
+}
+
+}  // namespace mrdetr
