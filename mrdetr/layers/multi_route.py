@@ -1,0 +1,276 @@
+"""``MultiRouteDecoderLayer``: one Deformable-DETR decoder layer that trains several routes at once.
+
+Routes are a leading tensor axis ``[R, B, Q, C]``. Routes that share a sub-layer are packed into
+one call of it: the shared self-attention runs over ``[R' * B, Q, C]`` (routes never see each
+other), the shared deformable cross-attention over ``[B, R' * Q, C]`` (so the encoder memory's
+value projection is computed once), the shared FFN over the routes that do not own one. Only the
+routes present in the input run: ``R = 1`` (and always eval mode) runs the primary route alone,
+which touches no auxiliary module.
+
+Parameter layout: the primary route's modules are ``self_attn``, ``norm1`` (after
+self-attention), ``cross_attn``, ``norm2``, ``ffn``, ``norm3``; everything an auxiliary route owns
+lives under ``aux.<route name>.`` (``self_attn``, ``norm1``, ``cross_attn``, ``ffn``), so
+:meth:`MultiRouteDecoderLayer.strip_auxiliary` only has to drop ``aux``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .. import routes as routes_lib
+from ..routes import Route
+from .ffn import FFN
+from .instructive_attention import InstructiveSelfAttention, MultiHeadSelfAttention
+from .ms_deform_attn import MultiScaleDeformableAttention
+
+__all__ = ["MultiRouteDecoderLayer"]
+
+
+class _AuxiliaryModules(nn.Module):
+    """The modules one auxiliary route owns (attributes absent when shared)."""
+
+    def __init__(self, route: Route, cfg: dict) -> None:
+        super().__init__()
+        c, h, drop = cfg["embed_dim"], cfg["num_heads"], cfg["dropout"]
+        if route.num_instruction_tokens > 0:
+            self.self_attn = InstructiveSelfAttention(
+                c, h, route.num_instruction_tokens, drop, own_projections=route.own_self_attn
+            )
+            self.norm1 = nn.LayerNorm(c)
+        elif route.own_self_attn:
+            self.self_attn = MultiHeadSelfAttention(c, h, drop)
+        if route.own_cross_attn:
+            self.cross_attn = MultiScaleDeformableAttention(
+                c, h, cfg["num_levels"], cfg["num_points"], backend=cfg["backend"]
+            )
+        if route.own_ffn:
+            self.ffn = FFN(c, cfg["ffn_dim"], drop, cfg["activation"])
+
+
+def _groups(routes: Sequence[Route], owns: Callable[[Route], bool]) -> list[list[int]]:
+    """Route indices that share the primary's module (first list) and each owner alone."""
+    shared = [i for i, r in enumerate(routes) if not owns(r)]
+    return [shared] + [[i] for i, r in enumerate(routes) if owns(r)]
+
+
+def _take(x: Tensor, idx: list[int]) -> Tensor:
+    """``x[idx]`` along the route axis, a view when ``idx`` is a contiguous run."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return x[idx[0] : idx[0] + len(idx)]
+    return x[idx]
+
+
+class MultiRouteDecoderLayer(nn.Module):
+    """Post-norm deformable decoder layer with Mr. DETR's training routes.
+
+    Order (Deformable-DETR): self-attention (+ residual, LayerNorm) -> deformable cross-attention
+    (+ residual, LayerNorm) -> FFN (+ residual, LayerNorm). Dropout is applied to the attention
+    probabilities, after each sub-layer and inside the FFN.
+
+    Args:
+        embed_dim: channels ``C``.
+        num_heads: heads of both attentions.
+        ffn_dim: FFN hidden channels.
+        num_levels, num_points: deformable attention levels and points per level.
+        dropout: dropout probability.
+        activation: FFN activation (``"relu"``, ``"gelu"``, ``"glu"``).
+        routes: the route set (:mod:`mrdetr.routes`), primary first.
+        backend: ``ms_deform_attn`` backend of the cross-attention.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 1024,
+        num_levels: int = 4,
+        num_points: int = 4,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        routes: Sequence[Route] | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.routes = routes_lib.validate_routes(routes_lib.mr_detr() if routes is None else routes)
+        cfg = dict(
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            num_levels=num_levels,
+            num_points=num_points,
+            dropout=dropout,
+            activation=activation,
+            backend=backend,
+        )
+        self.embed_dim, self.num_levels = embed_dim, num_levels
+        self.self_attn = MultiHeadSelfAttention(embed_dim, num_heads, dropout)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.cross_attn = MultiScaleDeformableAttention(
+            embed_dim, num_heads, num_levels, num_points, backend=backend
+        )
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.ffn = FFN(embed_dim, ffn_dim, dropout, activation)
+        self.norm3 = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.aux = nn.ModuleDict({r.name: _AuxiliaryModules(r, cfg) for r in self.routes[1:]})
+
+    @property
+    def num_routes(self) -> int:
+        """Number of routes this layer trains (``len(self.routes)``)."""
+        return len(self.routes)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every sub-module (each with its own scheme)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def strip_auxiliary(self) -> MultiRouteDecoderLayer:
+        """Drop every auxiliary route and its parameters, in place; returns ``self``.
+
+        Afterwards the layer is the primary route alone; its state dict loads into a
+        ``MultiRouteDecoderLayer`` built with ``routes=routes.baseline()``.
+        """
+        self.aux = nn.ModuleDict()
+        self.routes = self.routes[:1]
+        return self
+
+    def forward(
+        self,
+        query: Tensor,
+        *,
+        query_pos: Tensor | None,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        key_padding_mask: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+        num_denoising: int = 0,
+    ) -> Tensor:
+        """Run the routes present in ``query`` (``R`` = all routes, or 1 = the primary alone).
+
+        Args:
+            query (Tensor[R, B, Q, C]): object queries of every route, primary first.
+            query_pos (Tensor[R, B, Q, C] or None): their positional embeddings.
+            reference_points (Tensor[R, B, Q, L, 2 or 4]): per route, already scaled by the
+                valid ratios (``[R, B, Q, 2 or 4]`` is used for every level).
+            value (Tensor[B, S, C]): encoder memory, shared by the routes.
+            spatial_shapes (Tensor[L, 2], int64), level_start_index (Tensor[L], int64).
+            key_padding_mask (Tensor[B, S], bool, optional): True at padded memory positions.
+            self_attn_mask (Tensor[Q, Q], bool or float, optional): bool True blocks (float is
+                added to the logits); the same for every route.
+            num_denoising: leading denoising queries (DINO); they never see instruction tokens.
+
+        Returns:
+            Tensor[R, B, Q, C]. In eval mode only the primary route runs and the output is
+            ``[1, B, Q, C]`` (extra input routes are ignored).
+        """
+        self._check(query, query_pos, reference_points, value)
+        if not self.training and query.shape[0] > 1:
+            query, reference_points = query[:1], reference_points[:1]
+            query_pos = None if query_pos is None else query_pos[:1]
+        routes = self.routes[: query.shape[0]]
+        x = self._self_attention(query, query_pos, routes, self_attn_mask, num_denoising)
+        qp = x if query_pos is None else x + query_pos
+        ca = self._cross_attention(
+            qp, reference_points, routes, value, spatial_shapes, level_start_index, key_padding_mask
+        )
+        x = self.norm2(x + self.dropout(ca))
+        return self.norm3(x + self.dropout(self._ffn(x, routes)))
+
+    def _self_attention(self, query, query_pos, routes, mask, num_denoising) -> Tensor:
+        """Self-attention + residual + LayerNorm per group of routes; [R, B, Q, C]."""
+        outs: list[Tensor | None] = [None] * len(routes)
+        owns = lambda r: r.own_self_attn or r.num_instruction_tokens > 0  # noqa: E731
+        for idx in _groups(routes, owns):
+            if not idx:
+                continue
+            q = _take(query, idx)
+            pos = None if query_pos is None else _take(query_pos, idx)
+            if len(idx) > 1 or not owns(routes[idx[0]]):
+                fold = "r b q c -> (r b) q c"
+                y = self.self_attn.attend(
+                    rearrange(q, fold),
+                    None if pos is None else rearrange(pos, fold),
+                    attn_mask=mask,
+                    num_denoising=num_denoising,
+                )[0]
+                y = self.norm1(q + self.dropout(y.view(q.shape)))  # [R', B, Q, C]
+            else:
+                aux = self.aux[routes[idx[0]].name]
+                p0 = None if pos is None else pos[0]
+                if isinstance(aux.self_attn, InstructiveSelfAttention):
+                    y = aux.self_attn(
+                        q[0],
+                        p0,
+                        attn_mask=mask,
+                        num_denoising=num_denoising,
+                        projections=aux.self_attn.attn or self.self_attn,
+                    )
+                    y = aux.norm1(q[0] + self.dropout(y))[None]
+                else:
+                    y = aux.self_attn.attend(q[0], p0, attn_mask=mask)[0]
+                    y = self.norm1(q[0] + self.dropout(y))[None]
+            for j, i in enumerate(idx):
+                outs[i] = y[j]
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+
+    def _cross_attention(self, qp, ref, routes, value, shapes, start, kpm) -> Tensor:
+        """Deformable cross-attention, one packed call for the routes sharing it; [R, B, Q, C]."""
+        outs: list[Tensor | None] = [None] * len(routes)
+        for idx in _groups(routes, lambda r: r.own_cross_attn):
+            if not idx:
+                continue
+            owner = len(idx) == 1 and routes[idx[0]].own_cross_attn
+            attn = self.aux[routes[idx[0]].name].cross_attn if owner else self.cross_attn
+            q = rearrange(_take(qp, idx), "r b q c -> b (r q) c")
+            r = rearrange(_take(ref, idx), "r b q ... -> b (r q) ...")
+            y = attn(q, r, value, shapes, start, kpm)  # [B, R'*Q, C]
+            y = rearrange(y, "b (r q) c -> r b q c", r=len(idx))
+            for j, i in enumerate(idx):
+                outs[i] = y[j]
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+
+    def _ffn(self, x: Tensor, routes: Sequence[Route]) -> Tensor:
+        """FFN of every route (shared one over the routes without their own); [R, B, Q, C]."""
+        outs: list[Tensor | None] = [None] * len(routes)
+        for idx in _groups(routes, lambda r: r.own_ffn):
+            if not idx:
+                continue
+            owner = len(idx) == 1 and routes[idx[0]].own_ffn
+            ffn = self.aux[routes[idx[0]].name].ffn if owner else self.ffn
+            y = ffn(_take(x, idx))
+            for j, i in enumerate(idx):
+                outs[i] = y[j]
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+
+    def _check(self, query, query_pos, ref, value) -> None:
+        n, c = len(self.routes), self.embed_dim
+        if query.dim() != 4 or query.shape[-1] != c:
+            raise ValueError(f"query must be [R, B, Q, C={c}], got {tuple(query.shape)}")
+        if query.shape[0] not in (1, n):
+            raise ValueError(
+                f"query must hold 1 or {n} routes (this layer's routes: "
+                f"{[r.name for r in self.routes]}), got R={query.shape[0]}"
+            )
+        if query_pos is not None and query_pos.shape != query.shape:
+            raise ValueError(
+                f"query_pos must match query {tuple(query.shape)}, got {tuple(query_pos.shape)}"
+            )
+        lead = tuple(query.shape[:3])
+        ok = ref.dim() == 4 or (ref.dim() == 5 and ref.shape[3] == self.num_levels)
+        if not ok or tuple(ref.shape[:3]) != lead or ref.shape[-1] not in (2, 4):
+            raise ValueError(
+                f"reference_points must be [R, B, Q, L={self.num_levels}, 2 or 4] with "
+                f"[R, B, Q]={lead}, got {tuple(ref.shape)}"
+            )
+        if value.dim() != 3 or value.shape[0] != query.shape[1] or value.shape[-1] != c:
+            raise ValueError(
+                f"value must be [B={query.shape[1]}, S, C={c}], got {tuple(value.shape)}"
+            )
