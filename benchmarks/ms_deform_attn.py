@@ -1,0 +1,161 @@
+"""Benchmark ``ms_deform_attn``: compiled kernels against the PyTorch reference, same run.
+
+    python benchmarks/ms_deform_attn.py                 # CPU, 1 and 2 threads, fp32
+    python benchmarks/ms_deform_attn.py --device cuda   # on a GPU
+
+Prints medians (ms) over ``--reps`` repetitions after warm-up and the reference/kernel ratio
+(higher = kernel faster), plus the peak memory of one forward+backward (fp32 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from mrdetr.ops import ms_deform_attn
+
+DETR_LEVELS = [(100, 150), (50, 75), (25, 38), (13, 19)]
+SQUARE_LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]
+
+
+def make_inputs(levels, num_queries, device, dtype, batch=2, heads=8, dim=32, points=4):
+    """Random op inputs; ``num_queries=None`` makes every value token a query (encoder)."""
+    g = torch.Generator().manual_seed(0)
+    ss = torch.tensor(levels, dtype=torch.int64)
+    sizes = ss[:, 0] * ss[:, 1]
+    lsi = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    s = int(sizes.sum())
+    q = s if num_queries is None else num_queries
+    nl = len(levels)
+    value = torch.randn(batch, s, heads, dim, generator=g)
+    loc = torch.rand(batch, q, heads, nl, points, 2, generator=g)
+    attn = torch.rand(batch, q, heads, nl, points, generator=g).softmax(-1)
+    tensors = [value, ss, lsi, loc, attn]
+    return [t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in tensors]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_memory(case, backend, device, threads):
+    """Peak memory (bytes) of one forward+backward beyond its inputs.
+
+    CUDA: ``max_memory_allocated``. CPU: growth of the peak resident set (Linux ``VmHWM``) of
+    a fresh process, so every allocation counts, not only torch's.
+    """
+    if device == "cuda":
+        inputs = make_inputs(*case, device, torch.float32)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd(inputs, backend)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys, torch; sys.path.insert(0, {here!r}); import ms_deform_attn as m; "
+        f"torch.set_num_threads({threads}); "
+        f"print(m.rss_growth({case[0]!r}, {case[1]!r}, {backend!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def rss_growth(levels, num_queries, backend):
+    """Peak resident-set growth (bytes) of one forward+backward in this (fresh) process."""
+    inputs = make_inputs(levels, num_queries, "cpu", torch.float32)
+    fwd_bwd(make_inputs([(4, 4)], 3, "cpu", torch.float32), backend)  # load/build outside
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident set
+    base = _status_kib("VmRSS")
+    fwd_bwd(inputs, backend)
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def fwd_bwd(inputs, backend):
+    """One forward and backward of ``ms_deform_attn`` with gradients for value/loc/weights."""
+    value, ss, lsi, loc, attn = inputs
+    leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], ss, lsi, leaves[1], leaves[2], backend=backend)
+    out.sum().backward()
+
+
+def run_case(name, case, device, dtype, reps):
+    """Time forward and forward+backward of the kernel and the reference; print the ratios."""
+    inputs = make_inputs(*case, device, dtype)
+    value, ss, lsi, loc, attn = inputs
+
+    def fwd(backend):
+        with torch.no_grad():
+            ms_deform_attn(value, ss, lsi, loc, attn, backend=backend)
+
+    ref_f = timeit(lambda: fwd("pytorch"), device, reps)
+    ker_f = timeit(lambda: fwd(device), device, reps)
+    ref_fb = timeit(lambda: fwd_bwd(inputs, "pytorch"), device, reps)
+    ker_fb = timeit(lambda: fwd_bwd(inputs, device), device, reps)
+    line = (
+        f"{name:26s} fwd {ref_f:8.2f} / {ker_f:7.2f} ms = {ref_f / ker_f:5.1f}x   "
+        f"fwd+bwd {ref_fb:8.2f} / {ker_fb:7.2f} ms = {ref_fb / ker_fb:5.1f}x"
+    )
+    if dtype == torch.float32:
+        mem_ref = peak_memory(case, "pytorch", device, torch.get_num_threads())
+        mem_ker = peak_memory(case, device, device, torch.get_num_threads())
+        line += (
+            f"   peak mem {mem_ker / 2**20:7.1f} / {mem_ref / 2**20:7.1f} MiB = "
+            f"{mem_ker / max(mem_ref, 1):4.2f}x"
+        )
+    print(line, flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+    cases = [
+        ("decoder Q=300 DETR levels", DETR_LEVELS, 300),
+        ("encoder DETR levels", DETR_LEVELS, None),
+        ("encoder 64^2..8^2", SQUARE_LEVELS, None),
+    ]
+    threads = args.threads if device == "cpu" else [torch.get_num_threads()]
+    print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, B=2, H=8, D=32, P=4")
+    print("columns: reference / kernel (ratio = reference time / kernel time)")
+    for n in threads:
+        torch.set_num_threads(n)
+        print(f"-- {n} thread(s)" if device == "cpu" else "-- cuda")
+        for name, levels, q in cases:
+            run_case(name, (levels, q), device, dtype, args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The compiled ms_deform_attn kernels against the PyTorch reference, gradcheck, opcheck, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _msda import BACKENDS, make_inputs
+
+from mrdetr.ops import ms_deform_attn, ms_deform_attn_reference
+
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+def assert_close_rel(actual, expected, tol):
+    """|actual - expected| <= tol * max(|expected|, 1), elementwise (fp64 comparison)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    err = (actual - expected).abs()
+    bound = tol * expected.abs().clamp_min(1.0)
+    worst = (err - bound).max().item() if err.numel() else -1.0
+    assert worst <= 0, f"max error {err.max().item():.3g} exceeds tol {tol} (relative to max(|x|,1))"
+
+
+def grads(fn, value, loc, attn, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = fn(leaves[0], leaves[1], leaves[2])
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_forward_and_backward_match_reference(backend, dtype):
+    """Kernel vs the fp64 reference evaluated on the same (rounded) inputs, with points outside
+    the maps, non-square levels and a 1-pixel-high level."""
+    value, ss, lsi, loc, attn = make_inputs(dtype=dtype, device=backend, queries=7, dim=8)
+    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    grad_out = grad_out.to(device=backend, dtype=dtype)
+
+    def kernel(v, sl, a):
+        return ms_deform_attn(v, ss, lsi, sl, a, backend=backend)
+
+    def reference(v, sl, a):
+        return ms_deform_attn_reference(v.double(), ss, lsi, sl.double(), a.double())
+
+    out, g = grads(kernel, value, loc, attn, grad_out)
+    ref_out, ref_g = grads(reference, value, loc, attn, grad_out.double())
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    tol = TOLERANCES[dtype]
+    assert_close_rel(out, ref_out, tol)
+    # location gradients scale with the map size (d loc -> d pixel = w or h): compare per pixel
+    scale = torch.stack([ss[:, 1], ss[:, 0]], -1).double().cpu()[None, None, None, :, None, :]
+    for name, a, e in zip(("value", "loc", "attn"), g, ref_g, strict=True):
+        a, e = a.double().cpu(), e.double().cpu()
+        if name == "loc":
+            a, e = a / scale, e / scale
+        assert a.dtype == torch.float64, name
+        assert_close_rel(a, e, tol * 2)
+
+
+def test_points_outside_sample_zero_and_pixel_centres_are_exact():
+    """Hand-made case: a point at a pixel centre returns that pixel; far-away points give zero."""
+    value, ss, lsi, loc, attn = make_inputs(batch=1, queries=2, heads=1, dim=3, points=1)
+    loc = torch.zeros_like(loc)
+    attn = torch.zeros_like(attn)
+    h, w = ss[0].tolist()
+    y, x = 2, 5
+    loc[0, 0, 0, 0, 0] = torch.tensor([(x + 0.5) / w, (y + 0.5) / h], dtype=loc.dtype)
+    attn[0, 0, 0, 0, 0] = 2.0
+    loc[0, 1, 0, :, 0] = torch.tensor([-0.6, 1.7], dtype=loc.dtype)  # outside every level
+    attn[0, 1] = 1.0
+    out = ms_deform_attn(value, ss, lsi, loc, attn, backend="cpu")
+    torch.testing.assert_close(out[0, 0], 2.0 * value[0, y * w + x, 0], rtol=0, atol=1e-12)
+    assert out[0, 1].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dim", [1, 3, 32, 64, 71, 96, 1024])
+def test_gradcheck_float64(dim):
+    """gradcheck of value, locations and weights; fast mode (random projections) for wide D."""
+    small = dim <= 32
+    value, ss, lsi, loc, attn = make_inputs(
+        batch=2 if small else 1,
+        queries=3 if small else 2,
+        heads=2 if small else 1,
+        dim=dim,
+        levels=((4, 5), (2, 3)),
+        points=2,
+        seed=dim,
+    )
+    leaves = [t.requires_grad_() for t in (value, loc, attn)]
+
+    def fn(v, sl, a):
+        return ms_deform_attn(v, ss, lsi, sl, a, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=not small)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    value, ss, lsi, loc, attn = make_inputs(dtype=torch.float32, device=backend)
+    ms_deform_attn(value, ss, lsi, loc, attn, backend=backend)  # builds and registers the op
+    fwd = torch.ops.mrdetr.ms_deform_attn_forward.default
+    for requires_grad in (False, True):
+        args = (value, ss, lsi, loc, attn)
+        if requires_grad:
+            args = (value.clone().requires_grad_(), ss, lsi, loc.clone().requires_grad_(), attn)
+        torch.library.opcheck(fwd, args)
+    grad_out = torch.randn(2, loc.shape[1], value.shape[2] * value.shape[3], device=backend)
+    bwd = torch.ops.mrdetr.ms_deform_attn_backward.default
+    torch.library.opcheck(bwd, (grad_out, value, ss, lsi, loc, attn))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    value, ss, lsi, loc, attn = make_inputs(dtype=torch.float32, device=backend)
+    proj = torch.nn.Linear(value.shape[-1], value.shape[-1]).to(backend)
+
+    def fn(v, sl, a):
+        return ms_deform_attn(proj(v), ss, lsi, sl.sigmoid(), a.softmax(-1), backend="auto").sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    eager_leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out = compiled(*leaves)
+    out.backward()
+    expected = fn(*eager_leaves)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    for a, e in zip(leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    """Many queries hit the same pixels: the value gradient must not depend on the run."""
+    value, ss, lsi, loc, attn = make_inputs(queries=400, heads=4, dim=16, levels=((3, 3),))
+    value.requires_grad_()
+    results = []
+    for threads in (1, 2, 2):
+        torch.set_num_threads(threads)
+        value.grad = None
+        ms_deform_attn(value, ss, lsi, loc, attn, backend="cpu").sum().backward()
+        results.append(value.grad.clone())
+    torch.set_num_threads(2)
+    assert all(torch.equal(results[0], r) for r in results[1:])
