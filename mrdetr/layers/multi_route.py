@@ -256,8 +256,8 @@ class MultiRouteDecoderLayer(nn.Module):
             raise ValueError(f"query must be [R, B, Q, C={c}], got {tuple(query.shape)}")
         if query.shape[0] not in (1, n):
             raise ValueError(
-                f"query must hold 1 or {n} routes (this layer's routes: "
-                f"{[r.name for r in self.routes]}), got R={query.shape[0]}"
+                f"query must hold R=1 (the primary route) or R={n} (all routes: "
+                f"{[r.name for r in self.routes]}) routes, got R={query.shape[0]}"
             )
         if query_pos is not None and query_pos.shape != query.shape:
             raise ValueError(
