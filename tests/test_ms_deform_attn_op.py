@@ -1,4 +1,4 @@
-"""The compiled ms_deform_attn kernels against the PyTorch reference, gradcheck, opcheck, compile."""
+"""Compiled ms_deform_attn kernels vs the PyTorch reference; gradcheck, opcheck, compile."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def assert_close_rel(actual, expected, tol):
     err = (actual - expected).abs()
     bound = tol * expected.abs().clamp_min(1.0)
     worst = (err - bound).max().item() if err.numel() else -1.0
-    assert worst <= 0, f"max error {err.max().item():.3g} exceeds tol {tol} (relative to max(|x|,1))"
+    assert worst <= 0, (
+        f"max error {err.max().item():.3g} exceeds tol {tol} (relative to max(|x|,1))"
+    )
 
 
 def grads(fn, value, loc, attn, grad_out):

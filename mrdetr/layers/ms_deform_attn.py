@@ -1,4 +1,4 @@
-"""``MultiScaleDeformableAttention``: the Deformable-DETR attention module on top of ``ms_deform_attn``."""
+"""``MultiScaleDeformableAttention``: Deformable-DETR's attention module over ``ms_deform_attn``."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Compiled ops: multi-scale deformable attention with CPU/CUDA kernels and a PyTorch reference."""
 
+from ._dispatch import BACKENDS, ms_deform_attn
 from ._reference import ms_deform_attn_reference
 from .backends import available_backends, build
-from .ms_deform_attn import BACKENDS, ms_deform_attn
 
 __all__ = [
     "BACKENDS",

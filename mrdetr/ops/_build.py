@@ -22,26 +22,28 @@ __all__ = ["load", "status", "find_cuda_home", "sources_root", "build_directory"
 
 _lock = threading.RLock()
 _results: dict[str, tuple[bool, str]] = {}
-_EXEC = re.compile(r"""exec\s+["']?(\S+?/nvcc)["']?(\s|$)""")
+_EXEC = re.compile(r"""^\s*exec\s+["']?(/[^\s"']+)""", re.MULTILINE)
 
 
 def sources_root() -> Path:
-    """The ``csrc/ms_deform_attn`` folder: top of a source checkout, or ``mrdetr/_csrc`` in a wheel."""
+    """The ``ms_deform_attn`` sources: ``csrc/`` of a checkout, or ``mrdetr/_csrc`` in a wheel."""
     here = Path(__file__).resolve().parent.parent  # mrdetr/
     for root in (here.parent / "csrc", here / "_csrc"):
         if (root / "ms_deform_attn" / "ms_deform_attn.h").is_file():
             return root / "ms_deform_attn"
-    raise FileNotFoundError(f"mrdetr's C++ sources are missing (looked in {here.parent}/csrc "
-                            f"and {here}/_csrc)")
+    raise FileNotFoundError(
+        f"mrdetr's C++ sources are missing (looked in {here.parent}/csrc and {here}/_csrc)"
+    )
 
 
 def build_directory(kind: str) -> Path:
-    """Where the ``kind`` ("cpu"/"cuda") extension is built: ``$MRDETR_BUILD_DIR`` or ``~/.cache``."""
+    """Build folder of the ``kind`` ("cpu"/"cuda") extension, under ``$MRDETR_BUILD_DIR``."""
     base = os.environ.get("MRDETR_BUILD_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mrdetr"
     )
     cuda = torch.version.cuda or "cpu"
-    tag = f"torch{torch.__version__.split('+')[0]}-cu{cuda}-py{sys.version_info[0]}{sys.version_info[1]}"
+    py = f"{sys.version_info[0]}{sys.version_info[1]}"
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{cuda}-py{py}"
     path = Path(base) / tag / kind
     path.mkdir(parents=True, exist_ok=True)
     return path

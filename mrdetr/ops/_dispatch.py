@@ -33,7 +33,7 @@ def ms_deform_attn(
     For every batch ``b``, query ``q`` and head ``h``::
 
         out[b, q, h*D:(h+1)*D] = sum_{l, p} attention_weights[b, q, h, l, p]
-                                 * bilinear(value level l, head h, sampling_locations[b, q, h, l, p])
+                                 * bilinear(value[b, level l, h], sampling_locations[b, q, h, l, p])
 
     with zero padding outside the map and ``align_corners=False`` pixel centres.
     :func:`ms_deform_attn_reference` is the equivalent PyTorch code.
@@ -103,5 +103,7 @@ def _resolve_backend(backend: str, device_type: str) -> str:
         )
     ok, reason = _build.load(backend)
     if not ok:
-        raise RuntimeError(f"mrdetr: the {backend} ms_deform_attn kernel is not available: {reason}")
+        raise RuntimeError(
+            f"mrdetr: the {backend} ms_deform_attn kernel is not available: {reason}"
+        )
     return backend
