@@ -1,0 +1,208 @@
+"""Matcher benchmark: mrdetr's matchers against plain baselines, timed in the same run.
+
+Baselines, written here from the published descriptions:
+- DETR's batched matcher: one ``[B*Q, sum N]`` cost matrix, split per image for scipy.
+- DETR's matcher called once per image: the same costs on ``[Q, N_b]``, image by image.
+- a straightforward per-image implementation of the five one-to-many rules (loop over gts).
+
+Run: ``python benchmarks/matchers.py [--batch 16 --queries 900 --gts 30 --classes 91 --reps 30]``.
+Prints medians (ms) over ``--reps`` repetitions after warm-up, and speed-up ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from mrdetr.matching import HungarianMatcher, OneToManyMatcher
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def _xyxy(b):
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def _area(b):
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+
+def _iou_plain(a, b):
+    area_a, area_b = _area(a), _area(b)
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return inter / union, union
+
+
+def _giou_plain(a, b):
+    iou, union = _iou_plain(a, b)
+    lt = torch.min(a[:, None, :2], b[None, :, :2])
+    rb = torch.max(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    enc = wh[..., 0] * wh[..., 1]
+    return iou - (enc - union) / enc
+
+
+def _focal_cost_plain(prob, ids, alpha=0.25, gamma=2.0):
+    neg = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
+    pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
+    return pos[:, ids] - neg[:, ids]
+
+
+@torch.no_grad()
+def detr_batched(outputs, targets):
+    """DETR / Deformable-DETR matcher: the whole [B*Q, sum N] cost matrix."""
+    bs, nq = outputs["pred_logits"].shape[:2]
+    prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
+    out_bbox = outputs["pred_boxes"].flatten(0, 1)
+    ids = torch.cat([t["labels"] for t in targets])
+    tgt = torch.cat([t["boxes"] for t in targets])
+    c = (
+        5.0 * torch.cdist(out_bbox, tgt, p=1)
+        + 2.0 * _focal_cost_plain(prob, ids)
+        - 2.0 * _giou_plain(_xyxy(out_bbox), _xyxy(tgt))
+    )
+    c = c.view(bs, nq, -1).cpu()
+    sizes = [len(t["boxes"]) for t in targets]
+    idx = [linear_sum_assignment(m[i]) for i, m in enumerate(c.split(sizes, -1))]
+    return [
+        (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+        for i, j in idx
+    ]
+
+
+@torch.no_grad()
+def detr_per_image(outputs, targets):
+    """The same costs, computed and solved one image at a time."""
+    out = []
+    for b, t in enumerate(targets):
+        prob = outputs["pred_logits"][b].sigmoid()
+        pb = outputs["pred_boxes"][b]
+        c = (
+            5.0 * torch.cdist(pb, t["boxes"], p=1)
+            + 2.0 * _focal_cost_plain(prob, t["labels"])
+            - 2.0 * _giou_plain(_xyxy(pb), _xyxy(t["boxes"]))
+        )
+        i, j = linear_sum_assignment(c.cpu())
+        out.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
+    return out
+
+
+@torch.no_grad()
+def o2m_per_image(outputs, targets, k=6, thr=0.4, wi=0.7, wc=0.3):
+    """The five one-to-many rules, image by image, gt by gt."""
+    out = []
+    for b, t in enumerate(targets):
+        n = len(t["labels"])
+        if n == 0:
+            e = torch.zeros(0, dtype=torch.int64)
+            out.append((e, e))
+            continue
+        iou, _ = _iou_plain(_xyxy(outputs["pred_boxes"][b]), _xyxy(t["boxes"]))
+        prob = outputs["pred_logits"][b].sigmoid()[:, t["labels"]]
+        quality = wi * iou + wc * prob
+        best_q, best_g = quality.max(1)
+        pos = best_q >= thr
+        pos[quality.argmax(0)] = True
+        count = torch.bincount(best_g[pos], minlength=n)
+        preds, gts = [], []
+        for g in range(n):
+            c = min(int(count[g]), k)
+            if c > 0:
+                preds.append(quality[:, g].topk(c).indices)
+                gts.append(torch.full((c,), g, dtype=torch.int64))
+        out.append((torch.cat(preds), torch.cat(gts)))
+    return out
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def make_inputs(batch, queries, gts, classes, seed=0):
+    """Predictions clustered around the gts (half the queries jitter a gt), as after training."""
+    g = torch.Generator().manual_seed(seed)
+    targets, boxes = [], []
+    for _ in range(batch):
+        c = torch.rand(gts, 2, generator=g) * 0.8 + 0.1
+        wh = torch.rand(gts, 2, generator=g) * 0.25 + 0.05
+        tb = torch.cat([c, wh], -1)
+        targets.append({"labels": torch.randint(classes, (gts,), generator=g), "boxes": tb})
+        pb = torch.rand(queries, 4, generator=g) * 0.5 + 0.1
+        near = queries // 2
+        if gts:
+            src = tb[torch.randint(gts, (near,), generator=g)]
+            pb[:near] = src * (1 + 0.15 * torch.randn(near, 4, generator=g))
+        boxes.append(pb.clamp(0.01, 0.99))
+    outputs = {
+        "pred_logits": torch.randn(batch, queries, classes, generator=g) - 2.0,
+        "pred_boxes": torch.stack(boxes),
+    }
+    return outputs, targets
+
+
+def median_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _same_pairs(a, b):
+    return all(
+        sorted(zip(p.tolist(), g.tolist(), strict=True))
+        == sorted(zip(p2.tolist(), g2.tolist(), strict=True))
+        for (p, g), (p2, g2) in zip(a, b, strict=True)
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--queries", type=int, default=900)
+    ap.add_argument("--gts", type=int, default=30)
+    ap.add_argument("--classes", type=int, default=91)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    outputs, targets = make_inputs(args.batch, args.queries, args.gts, args.classes)
+    hung, o2m = HungarianMatcher(), OneToManyMatcher()
+
+    # sanity: same assignments as the baselines (ties aside, random inputs have none)
+    ok_h = _same_pairs(hung(outputs, targets), detr_batched(outputs, targets))
+    ok_o = _same_pairs(o2m(outputs, targets), o2m_per_image(outputs, targets))
+    print(
+        f"B={args.batch} Q={args.queries} gts={args.gts} K={args.classes} "
+        f"threads={torch.get_num_threads()} reps={args.reps} torch={torch.__version__}"
+    )
+    print(f"same pairs as baselines: hungarian={ok_h} one_to_many={ok_o}")
+
+    rows = {
+        "HungarianMatcher": median_ms(lambda: hung(outputs, targets), args.reps),
+        "DETR batched": median_ms(lambda: detr_batched(outputs, targets), args.reps),
+        "DETR per image": median_ms(lambda: detr_per_image(outputs, targets), args.reps),
+        "OneToManyMatcher": median_ms(lambda: o2m(outputs, targets), args.reps),
+        "o2m per image": median_ms(lambda: o2m_per_image(outputs, targets), args.reps),
+    }
+    for name, ms in rows.items():
+        print(f"{name:>18}: {ms:8.2f} ms")
+    h, o = rows["HungarianMatcher"], rows["OneToManyMatcher"]
+    print(f"Hungarian vs DETR batched:   {rows['DETR batched'] / h:5.2f}x faster (target >= 5)")
+    print(f"Hungarian vs DETR per image: {rows['DETR per image'] / h:5.2f}x faster (target >= 1.2)")
+    print(f"OneToMany vs per image:      {rows['o2m per image'] / o:5.2f}x faster (target >= 3)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Elementwise detection losses with a ``reduction`` argument: sigmoid focal, L1 and GIoU.
+
+``reduction`` is ``"none"`` (same shape as the loss terms), ``"mean"`` or ``"sum"`` (scalars), as in
+``torch.nn.functional``. The DETR-style normalisation by the number of gt boxes is the caller's
+(see :class:`mrdetr.criterion.MultiRouteCriterion`): use ``reduction="sum"`` and divide.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+
+__all__ = ["giou_loss", "l1_loss", "sigmoid_focal_loss"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_FORMATS = ("cxcywh", "xyxy")
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"reduction must be one of {_REDUCTIONS}, received {reduction!r}")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, received {reduction!r}")
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Sigmoid focal loss (Lin et al. 2017), as used by Deformable-DETR and DINO.
+
+    ``loss = alpha_t * (1 - p_t) ** gamma * BCE(inputs, targets)`` with ``p = sigmoid(inputs)``,
+    ``p_t = p * t + (1 - p) * (1 - t)`` and ``alpha_t = alpha * t + (1 - alpha) * (1 - t)``; a
+    negative ``alpha`` disables the alpha weighting.
+
+    Args:
+        inputs (Tensor[...]): logits.
+        targets (Tensor[...]): same shape, values in ``[0, 1]`` (one-hot or soft).
+        alpha: weight of the positives, in ``[0, 1]``, or negative for none.
+        gamma: focusing exponent, ``>= 0``.
+        reduction: ``"none"`` (Tensor[...]), ``"mean"`` or ``"sum"`` (scalar).
+    """
+    _check_reduction(reduction)
+    if inputs.shape != targets.shape:
+        raise ValueError(
+            f"sigmoid_focal_loss: inputs and targets must have the same shape, received "
+            f"{tuple(inputs.shape)} and {tuple(targets.shape)}"
+        )
+    targets = targets.to(inputs.dtype)
+    p = inputs.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return _reduce(loss, reduction)
+
+
+def l1_loss(pred: Tensor, target: Tensor, reduction: str = "none") -> Tensor:
+    """Elementwise L1 loss ``|pred - target|`` of ``pred (Tensor[...])`` and ``target
+    (Tensor[...])``; ``"none"`` returns ``Tensor[...]``."""
+    _check_reduction(reduction)
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"l1_loss: pred and target must have the same shape, received "
+            f"{tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    return _reduce((pred - target).abs(), reduction)
+
+
+def giou_loss(
+    pred_boxes: Tensor, target_boxes: Tensor, box_format: str = "cxcywh", reduction: str = "none"
+) -> Tensor:
+    """Generalized-IoU loss ``1 - GIoU`` of matching box pairs.
+
+    Args:
+        pred_boxes (Tensor[..., 4]): predicted boxes.
+        target_boxes (Tensor[..., 4]): target boxes, same shape.
+        box_format: ``"cxcywh"`` (DETR's) or ``"xyxy"``.
+        reduction: ``"none"`` (Tensor[...]), ``"mean"`` or ``"sum"`` (scalar).
+    """
+    _check_reduction(reduction)
+    if box_format not in _FORMATS:
+        raise ValueError(
+            f"giou_loss: box_format must be one of {_FORMATS}, received {box_format!r}"
+        )
+    if pred_boxes.shape != target_boxes.shape or pred_boxes.shape[-1:] != (4,):
+        raise ValueError(
+            f"giou_loss: pred_boxes and target_boxes must both be [..., 4], received "
+            f"{tuple(pred_boxes.shape)} and {tuple(target_boxes.shape)}"
+        )
+    if box_format == "cxcywh":
+        pred_boxes = box_cxcywh_to_xyxy(pred_boxes)
+        target_boxes = box_cxcywh_to_xyxy(target_boxes)
+    return _reduce(1 - elementwise_generalized_box_iou(pred_boxes, target_boxes), reduction)
