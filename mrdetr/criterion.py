@@ -1,0 +1,206 @@
+"""``MultiRouteCriterion``: DETR set losses for every route, every decoder layer and the encoder.
+
+Input layout (``R`` routes, ``L`` decoder layers, ``B`` images, ``Q_r`` queries of route ``r``,
+``K`` classes, ``S`` encoder proposals)::
+
+    outputs = {
+        route_name: {
+            "pred_logits": Tensor[B, Q_r, K],      # last decoder layer (layer L-1)
+            "pred_boxes":  Tensor[B, Q_r, 4],      # cxcywh in [0, 1]
+            "aux_outputs": [                        # optional: layers 0 .. L-2, in order
+                {"pred_logits": Tensor[B, Q_r, K], "pred_boxes": Tensor[B, Q_r, 4]}, ...
+            ],
+            "enc_outputs": {                        # optional: two-stage encoder proposals
+                "pred_logits": Tensor[B, S, K], "pred_boxes": Tensor[B, S, 4]},
+        },
+        ...
+    }
+    targets = [{"labels": Tensor[N_b] int64, "boxes": Tensor[N_b, 4] cxcywh}, ...]  # B dicts
+
+Returned losses (a flat dict of 0-dim tensors): ``"{term}/{route}/layer{l}"`` for ``term`` in
+``loss_class`` (sigmoid focal), ``loss_bbox`` (L1), ``loss_giou`` and ``l`` in ``0 .. L-1`` (the
+last layer is ``layer{L-1}``), ``"{term}/{route}/enc"`` for encoder proposals, and ``"loss"``,
+the weighted sum. Routes whose matcher is a group (``{"o2o": ..., "o2m": ...}``, e.g. a route with
+supervision "both") get one set per label: ``"{term}/{route}:{label}/layer{l}"``. The individual
+losses are unweighted; ``"loss" = sum(weight_dict[term] * route_weights[route] * (encoder_weight
+if enc) * value)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .losses import giou_loss, l1_loss, sigmoid_focal_loss
+from .matching.inputs import PackedTargets, check_predictions, pack_targets
+from .matching.router import RouteMatcher
+
+__all__ = ["DEFAULT_WEIGHTS", "MultiRouteCriterion"]
+
+DEFAULT_WEIGHTS = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+"""The reference recipe: focal 2, L1 5, GIoU 2, for every route and decoder layer."""
+
+_TERMS = tuple(DEFAULT_WEIGHTS)
+
+
+class MultiRouteCriterion(nn.Module):
+    """Set losses of a multi-route DETR (see the module docstring for the input layout).
+
+    Args:
+        num_classes: ``K``, the number of classes of ``pred_logits`` (sigmoid, no "no-object").
+        matcher: a :class:`~mrdetr.matching.RouteMatcher`, or a mapping ``{route_name: matcher
+            or {label: matcher}}`` that is wrapped into one.
+        weight_dict: weight per term; missing terms take :data:`DEFAULT_WEIGHTS`.
+        route_weights: weight per route (default 1.0 for every route).
+        encoder_weight: extra factor of the encoder-proposal losses (reference recipe: 3).
+        focal_alpha, focal_gamma: focal loss parameters.
+        encoder_matcher: matcher for ``enc_outputs``; by default each route's own matcher.
+        distributed: average the gt count over processes; ``None`` = when ``torch.distributed``
+            is initialised.
+
+    ``forward(outputs, targets) -> dict[str, Tensor]``. Every loss is normalised by the number of
+    gt boxes of the batch (at least 1), averaged over processes when distributed, so that the
+    mean over processes of the loss equals the single-process loss of the whole batch.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: RouteMatcher | Mapping,
+        weight_dict: Mapping[str, float] | None = None,
+        route_weights: Mapping[str, float] | None = None,
+        encoder_weight: float = 3.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        encoder_matcher=None,
+        distributed: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, received {num_classes!r}")
+        self.num_classes = num_classes
+        self.matcher = matcher if isinstance(matcher, RouteMatcher) else RouteMatcher(matcher)
+        unknown = set(weight_dict or {}) - set(_TERMS)
+        if unknown:
+            raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {_TERMS}")
+        self.weight_dict = {**DEFAULT_WEIGHTS, **(weight_dict or {})}
+        self.route_weights = dict(route_weights or {})
+        self.encoder_weight = encoder_weight
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.encoder_matcher = encoder_matcher
+        self.distributed = distributed
+
+    def num_boxes(self, packed: PackedTargets, device: torch.device) -> Tensor:
+        """Number of gt boxes of the batch as a float ``Tensor[]``, averaged over processes when
+        distributed, clamped at 1."""
+        n = torch.tensor(float(sum(packed.sizes)), device=device)
+        use_dist = self.distributed
+        if use_dist is None:
+            use_dist = dist.is_available() and dist.is_initialized()
+        if use_dist:
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return n.clamp(min=1.0)
+
+    def set_losses(
+        self,
+        out: Mapping[str, Tensor],
+        packed: PackedTargets,
+        indices: Sequence[tuple[Tensor, Tensor]],
+        num_boxes: Tensor,
+    ) -> dict[str, Tensor]:
+        """``loss_class``, ``loss_bbox``, ``loss_giou`` of one prediction set ``out``
+        (``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]``) matched by ``indices`` (per image
+        ``(pred_idx [M_b], gt_idx [M_b])``) to the ``packed`` targets, each summed and divided by
+        ``num_boxes``. A prediction matched to several gts is a positive of each of their
+        classes and is regressed towards each of their boxes."""
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        b, q, _ = logits.shape
+        if len(indices) != b:
+            raise ValueError(f"matcher returned {len(indices)} index pairs for {b} images")
+        offsets = [0]
+        for n in packed.sizes:
+            offsets.append(offsets[-1] + n)
+        image_idx, pred_idx, gt_idx = [], [], []
+        for i, (p, g) in enumerate(indices):
+            if p.shape != g.shape or p.dim() != 1:
+                raise ValueError(
+                    f"image {i}: matcher returned pred_idx {tuple(p.shape)} and gt_idx "
+                    f"{tuple(g.shape)}; expected two int64 [M]"
+                )
+            image_idx.append(torch.full_like(p, i))
+            pred_idx.append(p)
+            gt_idx.append(g + offsets[i])
+        image_idx = torch.cat(image_idx).to(logits.device)
+        pred_idx = torch.cat(pred_idx).to(logits.device)
+        gt_idx = torch.cat(gt_idx).to(logits.device)
+
+        onehot = torch.zeros_like(logits)
+        onehot[image_idx, pred_idx, packed.labels[gt_idx]] = 1.0
+        loss_class = sigmoid_focal_loss(
+            logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum"
+        )
+        src = boxes[image_idx, pred_idx]
+        tgt = packed.boxes[gt_idx].to(src.dtype)
+        return {
+            "loss_class": loss_class / num_boxes,
+            "loss_bbox": l1_loss(src, tgt, reduction="sum") / num_boxes,
+            "loss_giou": giou_loss(src, tgt, reduction="sum") / num_boxes,
+        }
+
+    def _check_route(self, route: str, out) -> list[tuple[str, Mapping]]:
+        """``[(suffix, prediction dict)]`` of a route: its layers, then its encoder output."""
+        if not isinstance(out, Mapping):
+            raise ValueError(f"outputs[{route!r}] must be a dict, received {type(out).__name__}")
+        aux = out.get("aux_outputs", [])
+        if not isinstance(aux, Sequence) or isinstance(aux, Mapping):
+            raise ValueError(f"outputs[{route!r}]['aux_outputs'] must be a list of dicts")
+        sets = [(f"layer{i}", a) for i, a in enumerate(aux)]
+        sets.append((f"layer{len(aux)}", out))
+        if out.get("enc_outputs") is not None:
+            sets.append(("enc", out["enc_outputs"]))
+        for name, s in sets:
+            logits, _ = check_predictions(s, f"MultiRouteCriterion: route {route!r}, {name}")
+            if logits.shape[-1] != self.num_classes:
+                raise ValueError(
+                    f"MultiRouteCriterion: route {route!r}, {name}: pred_logits has "
+                    f"{logits.shape[-1]} classes, expected num_classes = {self.num_classes}"
+                )
+        return sets
+
+    def forward(self, outputs: Mapping[str, Mapping], targets: Sequence[Mapping]):
+        """Losses of every route and layer; see the module docstring for the layout."""
+        if not isinstance(outputs, Mapping) or not outputs:
+            raise ValueError("MultiRouteCriterion: outputs must be a non-empty dict of routes")
+        routes = {route: self._check_route(route, out) for route, out in outputs.items()}
+        first = next(iter(outputs.values()))
+        b = first["pred_logits"].shape[0]
+        like = first["pred_boxes"]
+        packed = pack_targets(targets, b, self.num_classes, like, "MultiRouteCriterion")
+        num_boxes = self.num_boxes(packed, like.device)
+
+        losses: dict[str, Tensor] = {}
+        total = like.new_zeros(())
+        for route, sets in routes.items():
+            if route not in self.matcher:
+                raise ValueError(
+                    f"MultiRouteCriterion: no matcher for route {route!r}; the matcher has "
+                    f"{sorted(self.matcher)}"
+                )
+            route_weight = self.route_weights.get(route, 1.0)
+            for suffix, out in sets:
+                if suffix == "enc" and self.encoder_matcher is not None:
+                    groups = {None: self.encoder_matcher(out, targets)}
+                else:
+                    groups = self.matcher.groups(route, out, targets)
+                scale = route_weight * (self.encoder_weight if suffix == "enc" else 1.0)
+                for label, indices in groups.items():
+                    tag = route if label is None else f"{route}:{label}"
+                    for term, value in self.set_losses(out, packed, indices, num_boxes).items():
+                        losses[f"{term}/{tag}/{suffix}"] = value
+                        total = total + self.weight_dict[term] * scale * value
+        losses["loss"] = total
+        return losses
