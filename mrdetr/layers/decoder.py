@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..routes import Route
-from .multi_route import MultiRouteDecoderLayer
+from .multi_route import _MR_DETR, MultiRouteDecoderLayer
 
 __all__ = ["MultiRouteDecoder", "MultiRouteDecoderOutput", "inverse_sigmoid"]
 
@@ -60,7 +60,7 @@ class MultiRouteDecoder(nn.Module):
         num_points: int = 4,
         dropout: float = 0.1,
         activation: str = "relu",
-        routes: Sequence[Route] | None = None,
+        routes: Sequence[Route] = _MR_DETR,
         return_intermediate: bool = True,
         look_forward_twice: bool = False,
         backend: str = "auto",

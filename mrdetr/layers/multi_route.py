@@ -29,6 +29,8 @@ from .ms_deform_attn import MultiScaleDeformableAttention
 
 __all__ = ["MultiRouteDecoderLayer"]
 
+_MR_DETR = routes_lib.mr_detr()  # a tuple of frozen dataclasses: a safe default argument
+
 
 class _AuxiliaryModules(nn.Module):
     """The modules one auxiliary route owns (attributes absent when shared)."""
@@ -78,7 +80,8 @@ class MultiRouteDecoderLayer(nn.Module):
         num_levels, num_points: deformable attention levels and points per level.
         dropout: dropout probability.
         activation: FFN activation (``"relu"``, ``"gelu"``, ``"glu"``).
-        routes: the route set (:mod:`mrdetr.routes`), primary first.
+        routes: the route set (:mod:`mrdetr.routes`), primary first; default
+            ``routes.mr_detr()`` (None also means that).
         backend: ``ms_deform_attn`` backend of the cross-attention.
     """
 
@@ -91,12 +94,12 @@ class MultiRouteDecoderLayer(nn.Module):
         num_points: int = 4,
         dropout: float = 0.1,
         activation: str = "relu",
-        routes: Sequence[Route] | None = None,
+        routes: Sequence[Route] = _MR_DETR,
         *,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.routes = routes_lib.validate_routes(routes_lib.mr_detr() if routes is None else routes)
+        self.routes = routes_lib.validate_routes(_MR_DETR if routes is None else routes)
         cfg = dict(
             embed_dim=embed_dim,
             num_heads=num_heads,
