@@ -155,3 +155,16 @@ def test_bad_self_attn_mask_raises():
         run(layer, query, pos, ref, value, self_attn_mask=torch.zeros(8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="num_denoising"):
         run(layer, query, pos, ref, value, num_denoising=10)
+
+
+def test_reset_parameters_keeps_each_module_scheme():
+    layer = make_layer(routes.mr_detr(3))
+    with torch.no_grad():
+        layer.aux["aux_instruct"].self_attn.tokens.zero_()
+    layer.reset_parameters()
+    ca = layer.cross_attn
+    assert not ca.sampling_offsets.weight.any() and not ca.attention_weights.bias.any()
+    assert not layer.self_attn.out_proj.bias.any() and not layer.self_attn.in_proj_bias.any()
+    torch.testing.assert_close(layer.norm1.weight, torch.ones(C))
+    tokens = layer.aux["aux_instruct"].self_attn.tokens
+    assert 0.5 < tokens.std().item() < 1.5  # N(0, 1) again

@@ -53,6 +53,15 @@ class _AuxiliaryModules(nn.Module):
             self.ffn = FFN(c, cfg["ffn_dim"], drop, cfg["activation"])
 
 
+def _reset_children(module: nn.Module) -> None:
+    """Call ``reset_parameters`` on the outermost sub-modules that define it."""
+    for child in module.children():
+        if hasattr(child, "reset_parameters"):
+            child.reset_parameters()
+        else:
+            _reset_children(child)
+
+
 def _groups(routes: Sequence[Route], owns: Callable[[Route], bool]) -> list[list[int]]:
     """Route indices that share the primary's module (first list) and each owner alone."""
     shared = [i for i, r in enumerate(routes) if not owns(r)]
@@ -128,10 +137,8 @@ class MultiRouteDecoderLayer(nn.Module):
         return len(self.routes)
 
     def reset_parameters(self) -> None:
-        """Re-initialise every sub-module (each with its own scheme)."""
-        for m in self.modules():
-            if m is not self and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        """Re-initialise every sub-module with its own scheme (e.g. Deformable-DETR's offsets)."""
+        _reset_children(self)
 
     def strip_auxiliary(self) -> MultiRouteDecoderLayer:
         """Drop every auxiliary route and its parameters, in place; returns ``self``.
