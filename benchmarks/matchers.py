@@ -12,6 +12,7 @@ Prints medians (ms) over ``--reps`` repetitions after warm-up, and speed-up rati
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -148,6 +149,16 @@ def make_inputs(batch, queries, gts, classes, seed=0):
     return outputs, targets
 
 
+def _busy_ticks():
+    """Busy CPU time of the whole machine, in seconds (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def median_ms(fn, reps, warmup=3):
     for _ in range(warmup):
         fn()
@@ -189,6 +200,7 @@ def main():
     )
     print(f"same pairs as baselines: hungarian={ok_h} one_to_many={ok_o}")
 
+    busy0, own0, wall0 = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
     rows = {
         "HungarianMatcher": median_ms(lambda: hung(outputs, targets), args.reps),
         "DETR batched": median_ms(lambda: detr_batched(outputs, targets), args.reps),
@@ -196,6 +208,10 @@ def main():
         "OneToManyMatcher": median_ms(lambda: o2m(outputs, targets), args.reps),
         "o2m per image": median_ms(lambda: o2m_per_image(outputs, targets), args.reps),
     }
+    busy1, own1, wall1 = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
+    if busy0 is not None:
+        other = (busy1 - busy0 - (own1 - own0)) / (wall1 - wall0)
+        print(f"other processes used {other:.2f} of {os.cpu_count()} cores during the timings")
     for name, ms in rows.items():
         print(f"{name:>18}: {ms:8.2f} ms")
     h, o = rows["HungarianMatcher"], rows["OneToManyMatcher"]
