@@ -78,6 +78,18 @@ def test_build_is_cached_across_processes(tmp_path):
     assert so_again == so and so.stat().st_mtime_ns == stamp, "second process rebuilt the op"
 
 
+def test_prebuilt_cache_loads_without_a_compiler(tmp_path):
+    """A runtime image pre-built with `python -m mrdetr.ops build` needs no compiler."""
+    run_child(tmp_path)
+    result = run_child(tmp_path, env={"CXX": str(tmp_path / "no-compiler-here")})
+    assert result["cpu"][0] is True and "loaded from the build cache" in result["cpu"][1]
+    assert result["warnings"] == [] and result["max_err"] < 1e-12
+    for stamp in tmp_path.rglob("*.sha256"):  # sources changed: the cache must not be trusted
+        stamp.write_text("stale")
+    result = run_child(tmp_path, env={"CXX": str(tmp_path / "no-compiler-here")})
+    assert result["cpu"][0] is False and "no C++ compiler" in result["cpu"][1]
+
+
 def test_two_processes_building_at_once(tmp_path):
     env = dict(os.environ, MRDETR_BUILD_DIR=str(tmp_path))
     env.pop("MRDETR_BACKEND", None)

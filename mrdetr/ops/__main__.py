@@ -18,13 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "build":
         results = build(cuda=args.cuda)
+        failed = not all(st.available for st in results.values())
     else:
-        results = available_backends()
         root, how = _build.find_cuda_home()
         print(f"CUDA toolkit: {root or 'none'} ({how})")
+        results, failed = available_backends(), False
     for name, st in results.items():
         print(f"{name:8s} {'available' if st.available else 'unavailable':12s} {st.reason}")
-    return 0 if all(st.available for name, st in results.items() if args.command == "build") else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
