@@ -1,5 +1,23 @@
 """Layers: deformable attention, instructive self-attention, multi-route decoder."""
 
+from .decoder import MultiRouteDecoder, MultiRouteDecoderOutput, inverse_sigmoid
+from .ffn import FFN
+from .instructive_attention import (
+    InstructiveSelfAttention,
+    MultiHeadSelfAttention,
+    instructive_self_attention,
+)
 from .ms_deform_attn import MultiScaleDeformableAttention
+from .multi_route import MultiRouteDecoderLayer
 
-__all__ = ["MultiScaleDeformableAttention"]
+__all__ = [
+    "FFN",
+    "InstructiveSelfAttention",
+    "MultiHeadSelfAttention",
+    "MultiRouteDecoder",
+    "MultiRouteDecoderLayer",
+    "MultiRouteDecoderOutput",
+    "MultiScaleDeformableAttention",
+    "instructive_self_attention",
+    "inverse_sigmoid",
+]
