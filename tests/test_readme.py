@@ -17,7 +17,7 @@ def test_quick_start_runs_and_is_short():
     assert len([line for line in code.splitlines() if line.strip()]) <= 10
     namespace: dict = {}
     exec(compile(code, "README quick start", "exec"), namespace)
-    assert namespace["out"].shape == (2, 300, 256)
+    assert namespace["out"].shape == (3, 2, 300, 256)
     assert torch.isfinite(namespace["out"]).all()
 
 
