@@ -127,3 +127,17 @@ def test_validation_cache_sees_in_place_changes():
     ss[0, 0] += 1
     with pytest.raises(ValueError, match="running sum"):
         ms_deform_attn(value, ss, lsi, loc, attn, backend="cpu")
+
+
+def test_direct_op_calls_are_checked_in_cpp():
+    """Calling the registered op directly skips the Python checks; C++ still refuses bad input."""
+    value, ss, lsi, loc, attn = make_inputs()
+    ms_deform_attn(value, ss, lsi, loc, attn, backend="cpu")  # loads the op
+    op = torch.ops.mrdetr.ms_deform_attn_forward
+    with pytest.raises(RuntimeError, match="attention_weights must be"):
+        op(value, ss, lsi, loc, attn[..., :1])
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        op(value, ss, lsi, loc.float(), attn)
+    grad = torch.zeros(2, loc.shape[1], 3, dtype=value.dtype)
+    with pytest.raises(RuntimeError, match="grad_output must be"):
+        torch.ops.mrdetr.ms_deform_attn_backward(grad, value, ss, lsi, loc, attn)

@@ -11,7 +11,7 @@
 
 #include <vector>
 
-#include "checks.h"
+#include "inputs.h"
 #include "ms_deform_attn.h"
 
 namespace mrdetr {
@@ -21,13 +21,11 @@ struct Levels {
   std::vector<int64_t> height, width, start;
 };
 
-Levels read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index) {
-  const auto ss = spatial_shapes.contiguous();
-  const auto ls = level_start_index.contiguous();
-  const int64_t* s = ss.data_ptr<int64_t>();
-  const int64_t* l = ls.data_ptr<int64_t>();
+Levels read_levels(const OpInputs& in) {
+  const int64_t* s = in.spatial_shapes.data_ptr<int64_t>();
+  const int64_t* l = in.level_start_index.data_ptr<int64_t>();
   Levels lv;
-  for (int64_t i = 0; i < ss.size(0); ++i) {
+  for (int64_t i = 0; i < in.L; ++i) {
     lv.height.push_back(s[2 * i]);
     lv.width.push_back(s[2 * i + 1]);
     lv.start.push_back(l[i]);
@@ -36,14 +34,12 @@ Levels read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_sta
 }
 
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& value, const Levels& lv, const at::Tensor& loc,
-                    const at::Tensor& attn, at::Tensor& out) {
+void forward_kernel(const OpInputs& in, const Levels& lv, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = value.size(0), S = value.size(1), H = value.size(2), D = value.size(3);
-  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
-  const scalar_t* v = value.data_ptr<scalar_t>();
-  const scalar_t* lp = loc.data_ptr<scalar_t>();
-  const scalar_t* ap = attn.data_ptr<scalar_t>();
+  const int64_t B = in.B, S = in.S, H = in.H, D = in.D, Q = in.Q, L = in.L, P = in.P;
+  const scalar_t* v = in.value.data_ptr<scalar_t>();
+  const scalar_t* lp = in.loc.data_ptr<scalar_t>();
+  const scalar_t* ap = in.attn.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, B * Q, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(D);
@@ -71,16 +67,14 @@ void forward_kernel(const at::Tensor& value, const Levels& lv, const at::Tensor&
 }
 
 template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad_out, const at::Tensor& value, const Levels& lv,
-                     const at::Tensor& loc, const at::Tensor& attn, at::Tensor& grad_value_acc,
-                     at::Tensor& grad_loc, at::Tensor& grad_attn) {
+void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Levels& lv,
+                     at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = value.size(0), S = value.size(1), H = value.size(2), D = value.size(3);
-  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
-  const scalar_t* v = value.data_ptr<scalar_t>();
+  const int64_t B = in.B, S = in.S, H = in.H, D = in.D, Q = in.Q, L = in.L, P = in.P;
+  const scalar_t* v = in.value.data_ptr<scalar_t>();
   const scalar_t* g = grad_out.data_ptr<scalar_t>();
-  const scalar_t* lp = loc.data_ptr<scalar_t>();
-  const scalar_t* ap = attn.data_ptr<scalar_t>();
+  const scalar_t* lp = in.loc.data_ptr<scalar_t>();
+  const scalar_t* ap = in.attn.data_ptr<scalar_t>();
   acc_t* gv = grad_value_acc.data_ptr<acc_t>();
   scalar_t* glp = grad_loc.data_ptr<scalar_t>();
   scalar_t* gap = grad_attn.data_ptr<scalar_t>();
@@ -115,17 +109,14 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
-  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights);
-  const auto val = value.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  auto out = at::empty({val.size(0), loc.size(1), val.size(2) * val.size(3)}, val.options());
+  const OpInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights);
+  auto out = at::empty(in.output_sizes(), in.value.options());
   if (out.numel() == 0) return out;
-  const Levels lv = read_levels(spatial_shapes, level_start_index);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val.scalar_type(),
+  const Levels lv = read_levels(in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(),
                                   "ms_deform_attn_forward_cpu",
-                                  [&] { forward_kernel<scalar_t>(val, lv, loc, attn, out); });
+                                  [&] { forward_kernel<scalar_t>(in, lv, out); });
   return out;
 }
 
@@ -133,31 +124,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights) {
-  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights);
-  const auto val = value.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  const auto grad = grad_output.contiguous();
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({val.size(0), loc.size(1), val.size(2) * val.size(3)}),
-              "grad_output must be [B, Q, H*D], got ", grad.sizes());
-  const auto acc_type = at::toOpMathType(val.scalar_type());
-  auto grad_value_acc = at::zeros(val.sizes(), val.options().dtype(acc_type));
-  auto grad_loc = at::empty_like(loc);
-  auto grad_attn = at::empty_like(attn);
-  if (loc.numel() > 0 && val.numel() > 0) {
-    const Levels lv = read_levels(spatial_shapes, level_start_index);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val.scalar_type(),
-                                    "ms_deform_attn_backward_cpu", [&] {
-                                      backward_kernel<scalar_t>(grad, val, lv, loc, attn,
-                                                                grad_value_acc, grad_loc,
-                                                                grad_attn);
-                                    });
-  } else {
-    grad_loc.zero_();
-    grad_attn.zero_();
+  const OpInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights);
+  const auto grad = prepare_grad_output(grad_output, in);
+  const auto acc_type = at::toOpMathType(in.value.scalar_type());
+  auto grad_value_acc = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
+  auto grad_loc = at::zeros_like(in.loc);
+  auto grad_attn = at::zeros_like(in.attn);
+  if (in.attn.numel() > 0 && in.value.numel() > 0) {
+    const Levels lv = read_levels(in);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+          backward_kernel<scalar_t>(in, grad, lv, grad_value_acc, grad_loc, grad_attn);
+        });
   }
-  return {grad_value_acc.to(val.scalar_type()), grad_loc, grad_attn};
+  return {grad_value_acc.to(in.value.scalar_type()), grad_loc, grad_attn};
 }
 
 }  // namespace

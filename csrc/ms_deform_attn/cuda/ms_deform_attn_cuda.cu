@@ -14,7 +14,7 @@
 
 #include <algorithm>
 
-#include "checks.h"
+#include "inputs.h"
 #include "ms_deform_attn.h"
 
 namespace mrdetr {
@@ -98,25 +98,19 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                        const at::Tensor& level_start_index,
                                        const at::Tensor& sampling_locations,
                                        const at::Tensor& attention_weights) {
-  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
-  const auto val = value.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const int64_t B = val.size(0), S = val.size(1), H = val.size(2), D = val.size(3);
-  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
-  auto out = at::empty({B, Q, H * D}, val.options());
+  const OpInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights);
+  auto out = at::empty(in.output_sizes(), in.value.options());
   if (out.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, val.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+      at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
         forward_kernel<scalar_t><<<num_blocks(out.numel()), kThreads, 0, stream>>>(
-            val.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-            loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, S,
-            Q, H, D, L, P);
+            in.value.data_ptr<scalar_t>(), in.spatial_shapes.data_ptr<int64_t>(),
+            in.level_start_index.data_ptr<int64_t>(), in.loc.data_ptr<scalar_t>(),
+            in.attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), in.B, in.S, in.Q, in.H,
+            in.D, in.L, in.P);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;
@@ -126,36 +120,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights) {
-  check_op_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
-  const auto val = value.contiguous();
-  const auto loc = sampling_locations.contiguous();
-  const auto attn = attention_weights.contiguous();
-  const auto grad = grad_output.contiguous();
-  const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
-  const int64_t B = val.size(0), S = val.size(1), H = val.size(2), D = val.size(3);
-  const int64_t Q = loc.size(1), L = loc.size(3), P = loc.size(4);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, Q, H * D}), "grad_output must be [B, Q, H*D], got ",
-              grad.sizes());
-  const auto acc_type = at::toOpMathType(val.scalar_type());
-  auto grad_value = at::zeros(val.sizes(), val.options().dtype(acc_type));
-  auto grad_loc = at::zeros_like(loc);
-  auto grad_attn = at::zeros_like(attn);
-  if (attn.numel() > 0 && val.numel() > 0) {
+  const OpInputs in = prepare_inputs(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights);
+  const auto grad = prepare_grad_output(grad_output, in);
+  const auto acc_type = at::toOpMathType(in.value.scalar_type());
+  auto grad_value = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
+  auto grad_loc = at::zeros_like(in.loc);
+  auto grad_attn = at::zeros_like(in.attn);
+  if (in.attn.numel() > 0 && in.value.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, val.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-          backward_kernel<scalar_t><<<num_blocks(attn.numel()), kThreads, 0, stream>>>(
-              grad.data_ptr<scalar_t>(), val.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-              starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+        at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+          backward_kernel<scalar_t><<<num_blocks(in.attn.numel()), kThreads, 0, stream>>>(
+              grad.data_ptr<scalar_t>(), in.value.data_ptr<scalar_t>(),
+              in.spatial_shapes.data_ptr<int64_t>(), in.level_start_index.data_ptr<int64_t>(),
+              in.loc.data_ptr<scalar_t>(), in.attn.data_ptr<scalar_t>(),
               grad_value.data_ptr<at::opmath_type<scalar_t>>(), grad_loc.data_ptr<scalar_t>(),
-              grad_attn.data_ptr<scalar_t>(), B, S, Q, H, D, L, P);
+              grad_attn.data_ptr<scalar_t>(), in.B, in.S, in.Q, in.H, in.D, in.L, in.P);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
-  return {grad_value.to(val.scalar_type()), grad_loc, grad_attn};
+  return {grad_value.to(in.value.scalar_type()), grad_loc, grad_attn};
 }
 
 }  // namespace

@@ -1,16 +1,28 @@
-// Argument checks shared by the CPU and CUDA kernels: a safety net for direct calls to
-// torch.ops.mrdetr.* (the Python wrapper raises clearer errors first).
+// Argument checks and contiguous inputs shared by the CPU and CUDA kernels. The checks are a
+// safety net for direct calls to torch.ops.mrdetr.* (the Python wrapper raises clearer errors
+// first).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace mrdetr {
 
-inline void check_op_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                            const at::Tensor& level_start_index,
-                            const at::Tensor& sampling_locations,
-                            const at::Tensor& attention_weights) {
+// The op's inputs made contiguous, with their sizes:
+// value [B, S, H, D], sampling_locations [B, Q, H, L, P, 2], attention_weights [B, Q, H, L, P].
+struct OpInputs {
+  at::Tensor value, spatial_shapes, level_start_index, loc, attn;
+  int64_t B, S, H, D, Q, L, P;
+
+  std::vector<int64_t> output_sizes() const { return {B, Q, H * D}; }
+};
+
+inline OpInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index,
+                               const at::Tensor& sampling_locations,
+                               const at::Tensor& attention_weights) {
   TORCH_CHECK(value.dim() == 4, "value must be [B, S, H, D], got ", value.sizes());
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
               "spatial_shapes must be [L, 2], got ", spatial_shapes.sizes());
@@ -34,6 +46,28 @@ inline void check_op_inputs(const at::Tensor& value, const at::Tensor& spatial_s
     TORCH_CHECK(t->device() == value.device(), "all inputs must be on value's device ",
                 value.device(), ", got ", t->device());
   }
+  OpInputs in{value.contiguous(),
+              spatial_shapes.contiguous(),
+              level_start_index.contiguous(),
+              sampling_locations.contiguous(),
+              attention_weights.contiguous(),
+              value.size(0),
+              value.size(1),
+              value.size(2),
+              value.size(3),
+              sampling_locations.size(1),
+              levels,
+              sampling_locations.size(4)};
+  return in;
+}
+
+inline at::Tensor prepare_grad_output(const at::Tensor& grad_output, const OpInputs& in) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(in.output_sizes()),
+              "grad_output must be [B, Q, H*D], got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == in.value.scalar_type() &&
+                  grad_output.device() == in.value.device(),
+              "grad_output must have value's dtype and device");
+  return grad_output.contiguous();
 }
 
 }  // namespace mrdetr
