@@ -224,3 +224,15 @@ def test_wheel_ships_the_sources(tmp_path):
     assert result["cpu"][0] is True, result["cpu"]
     assert result["max_err"] < 1e-12
     assert (site / "mrdetr" / "_csrc" / "ms_deform_attn" / "ms_deform_attn.h").is_file()
+
+
+def test_pip_ninja_is_found_off_path(monkeypatch):
+    """An un-activated virtualenv: pip's ninja is not on PATH, the build puts it there."""
+    ninja = pytest.importorskip("ninja")
+    real_which = _build.shutil.which
+    monkeypatch.setattr(
+        _build.shutil, "which", lambda cmd, *a, **k: None if cmd == "ninja" else real_which(cmd)
+    )
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert _build._check_tools("cpu") is None
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR

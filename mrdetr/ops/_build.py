@@ -106,15 +106,18 @@ def _cpp_extension(cuda_home: str | None = None):
     return cpp_extension
 
 
-def _prerequisites(kind: str) -> str | None:
+def _check_tools(kind: str) -> str | None:
+    """Why a ``kind`` build cannot start, or None; puts pip's ninja on PATH when it is off it."""
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} not found; set $CXX)"
     if shutil.which("ninja") is None:
         try:
-            import ninja  # noqa: F401  (the pip package puts the binary next to python)
+            import ninja  # the pip package: its binary sits in ninja.BIN_DIR
         except ImportError:
             return "ninja is not installed (pip install ninja)"
+        # an un-activated virtualenv has that folder off PATH, where torch looks for ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     if kind == "cuda" and torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     return None
@@ -165,7 +168,7 @@ def _build(kind: str) -> tuple[bool, str]:
         torch.ops.load_library(str(library))
         _after_load(kind)
         return True, f"loaded from the build cache {library}"
-    missing = _prerequisites(kind)
+    missing = _check_tools(kind)
     cuda_home, how = find_cuda_home() if kind == "cuda" else (None, "")
     if kind == "cuda" and cuda_home is None:
         missing = missing or how
