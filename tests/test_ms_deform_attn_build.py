@@ -90,6 +90,15 @@ def test_prebuilt_cache_loads_without_a_compiler(tmp_path):
     assert result["cpu"][0] is False and "no C++ compiler" in result["cpu"][1]
 
 
+def test_damaged_cache_is_rebuilt(tmp_path):
+    run_child(tmp_path)
+    (so,) = tmp_path.rglob("mrdetr_ms_deform_attn_cpu.so")
+    so.write_bytes(b"not a shared library")
+    result = run_child(tmp_path)
+    assert result["cpu"][0] is True and result["cpu"][1].startswith("built in"), result["cpu"]
+    assert result["warnings"] == [] and result["max_err"] < 1e-12
+
+
 def test_two_processes_building_at_once(tmp_path):
     env = dict(os.environ, MRDETR_BUILD_DIR=str(tmp_path))
     env.pop("MRDETR_BACKEND", None)

@@ -165,9 +165,13 @@ def _build(kind: str) -> tuple[bool, str]:
     # images pre-built with `python -m mrdetr.ops build`); the stamp is written only after a
     # successful build, so a half-written library is never picked up here.
     if library.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
-        torch.ops.load_library(str(library))
-        _after_load(kind)
-        return True, f"loaded from the build cache {library}"
+        try:
+            torch.ops.load_library(str(library))
+        except Exception:  # noqa: BLE001  a damaged library: remove it so ninja rebuilds it
+            library.unlink(missing_ok=True)
+        else:
+            _after_load(kind)
+            return True, f"loaded from the build cache {library}"
     missing = _check_tools(kind)
     cuda_home, how = find_cuda_home() if kind == "cuda" else (None, "")
     if kind == "cuda" and cuda_home is None:
@@ -175,6 +179,7 @@ def _build(kind: str) -> tuple[bool, str]:
     if missing:
         return False, missing
     cpp_extension = _cpp_extension(cuda_home)
+    stamp.unlink(missing_ok=True)  # no process trusts the library while it is rebuilt
     try:
         cpp_extension.load(
             name=name,
