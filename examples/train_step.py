@@ -84,6 +84,14 @@ def random_batch(batch=2, dim=64, seed=0):
     return memory, shapes, starts, targets
 
 
+def plain_decoder() -> MultiRouteDecoder:
+    """The decoder of :class:`ToyDetector` with ``routes.baseline()``: what deployment keeps."""
+    return MultiRouteDecoder(
+        2, embed_dim=64, num_heads=4, ffn_dim=128, num_levels=len(LEVELS), num_points=2,
+        dropout=0.0, routes=routes.baseline(),
+    )  # fmt: skip
+
+
 def train(steps: int = 60, seed: int = 0) -> tuple[ToyDetector, list[float], list[float]]:
     """Overfit one batch; return the model, the total losses and the primary route's losses."""
     torch.manual_seed(seed)
@@ -112,11 +120,7 @@ def main() -> None:
     with torch.no_grad():
         print("eval routes:", list(model(memory, shapes, starts)))  # ['primary']
     model.decoder.strip_auxiliary()
-    plain = MultiRouteDecoder(
-        2, embed_dim=64, num_heads=4, ffn_dim=128, num_levels=2, num_points=2,
-        routes=routes.baseline(),
-    )  # fmt: skip
-    plain.load_state_dict(model.decoder.state_dict())
+    plain_decoder().load_state_dict(model.decoder.state_dict())
     print("stripped decoder loads into a routes.baseline() decoder")
 
 

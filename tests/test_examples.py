@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mrdetr import MultiRouteDecoder, routes
+from mrdetr import routes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -32,10 +32,8 @@ def test_train_step_learns_and_strips_to_a_plain_decoder():
     assert list(before) == ["primary"]
     model.decoder.strip_auxiliary()
     assert not any(".aux." in name for name, _ in model.decoder.named_parameters())
-    plain = MultiRouteDecoder(
-        2, embed_dim=64, num_heads=4, ffn_dim=128, num_levels=2, num_points=2,
-        routes=routes.baseline(),
-    )  # fmt: skip
+    plain = ex.plain_decoder()
+    assert plain.routes == routes.baseline()
     plain.load_state_dict(model.decoder.state_dict())
     model.decoder = plain.eval()
     with torch.no_grad():
