@@ -24,6 +24,13 @@ the weighted sum. Routes whose matcher is a group (``{"o2o": ..., "o2m": ...}``,
 supervision "both") get one set per label: ``"{term}/{route}:{label}/layer{l}"``. The individual
 losses are unweighted; ``"loss" = sum(weight_dict[term] * route_weights[route] * (encoder_weight
 if enc) * value)``.
+
+Masks (instance segmentation, optional): with ``mask_loss`` set (e.g.
+:class:`mrdetr.segmentation.MaskLoss`), every prediction set that holds ``"pred_masks":
+Tensor[B, Q_r, h, w]`` (logits) also gets ``loss_mask`` (sigmoid BCE) and ``loss_dice`` on the
+pairs its route's matcher chose (the primary route's Hungarian pairs, an auxiliary route's
+one-to-many pairs); targets then hold ``"masks": Tensor[N_b, H, W]`` (bool, one canvas size for
+the whole batch, e.g. the padded batch's). Sets without ``"pred_masks"`` get no mask terms.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ DEFAULT_WEIGHTS = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 _TERMS = tuple(DEFAULT_WEIGHTS)
 
+MASK_WEIGHTS = {"loss_mask": 5.0, "loss_dice": 5.0}
+"""Default weights of the mask terms (Mask2Former / Mask DINO): BCE 5, dice 5."""
+
 
 class MultiRouteCriterion(nn.Module):
     """Set losses of a multi-route DETR (see the module docstring for the input layout).
@@ -60,6 +70,10 @@ class MultiRouteCriterion(nn.Module):
         encoder_matcher: matcher for ``enc_outputs``; by default each route's own matcher.
         distributed: average the gt count over processes; ``None`` = when ``torch.distributed``
             is initialised.
+        mask_loss: optional callable ``(pred_masks (Tensor[M, h, w]), target_masks (Tensor[M, H,
+            W])) -> (bce (Tensor[M]), dice (Tensor[M]))``, e.g.
+            :class:`mrdetr.segmentation.MaskLoss`; enables ``loss_mask`` / ``loss_dice`` (default
+            weights :data:`MASK_WEIGHTS`).
 
     ``forward(outputs, targets) -> dict[str, Tensor]``. Every loss is normalised by the number of
     gt boxes of the batch (at least 1), averaged over processes when distributed, so that the
@@ -77,16 +91,22 @@ class MultiRouteCriterion(nn.Module):
         focal_gamma: float = 2.0,
         encoder_matcher=None,
         distributed: bool | None = None,
+        mask_loss=None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, received {num_classes!r}")
         self.num_classes = num_classes
         self.matcher = matcher if isinstance(matcher, RouteMatcher) else RouteMatcher(matcher)
-        unknown = set(weight_dict or {}) - set(_TERMS)
+        if mask_loss is not None and not callable(mask_loss):
+            raise ValueError(f"mask_loss must be callable, received {type(mask_loss).__name__}")
+        self.mask_loss = mask_loss
+        terms = _TERMS + (tuple(MASK_WEIGHTS) if mask_loss is not None else ())
+        unknown = set(weight_dict or {}) - set(terms)
         if unknown:
-            raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {_TERMS}")
-        self.weight_dict = {**DEFAULT_WEIGHTS, **(weight_dict or {})}
+            raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
+        defaults = {**DEFAULT_WEIGHTS, **(MASK_WEIGHTS if mask_loss is not None else {})}
+        self.weight_dict = {**defaults, **(weight_dict or {})}
         self.route_weights = dict(route_weights or {})
         self.encoder_weight = encoder_weight
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
@@ -151,6 +171,44 @@ class MultiRouteCriterion(nn.Module):
             "loss_giou": giou_loss(src, tgt, reduction="sum") / num_boxes,
         }
 
+    def mask_set_losses(
+        self,
+        out: Mapping[str, Tensor],
+        targets: Sequence[Mapping],
+        indices: Sequence[tuple[Tensor, Tensor]],
+        num_boxes: Tensor,
+    ) -> dict[str, Tensor]:
+        """``loss_mask`` and ``loss_dice`` of ``out["pred_masks"] (Tensor[B, Q, h, w])`` on the
+        matched pairs ``indices`` against ``targets[b]["masks"] (Tensor[N_b, H, W])``, summed
+        and divided by ``num_boxes``."""
+        pred = out["pred_masks"]
+        b = len(targets)
+        if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[0] != b:
+            got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+            raise ValueError(
+                f"MultiRouteCriterion: 'pred_masks' must be [B={b}, Q, h, w], got {got}"
+            )
+        src, tgt, canvas = [], [], None
+        for i, (p, g) in enumerate(indices):
+            masks = targets[i].get("masks")
+            n = targets[i]["labels"].shape[0]
+            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != n:
+                got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+                raise ValueError(
+                    f"MultiRouteCriterion: image {i}: 'masks' must be [N={n}, H, W] "
+                    f"(needed with mask_loss and 'pred_masks'), received {got}"
+                )
+            if canvas is not None and masks.shape[-2:] != canvas:
+                raise ValueError(
+                    f"MultiRouteCriterion: image {i}: 'masks' are {tuple(masks.shape[-2:])}, "
+                    f"image 0's are {tuple(canvas)}; use one canvas size for the batch"
+                )
+            canvas = masks.shape[-2:]
+            src.append(pred[i, p.to(pred.device)])
+            tgt.append(masks[g.to(masks.device)])
+        bce, dice = self.mask_loss(torch.cat(src), torch.cat(tgt).to(pred.device))
+        return {"loss_mask": bce.sum() / num_boxes, "loss_dice": dice.sum() / num_boxes}
+
     def _check_route(self, route: str, out) -> list[tuple[str, Mapping]]:
         """``[(suffix, prediction dict)]`` of a route: its layers, then its encoder output."""
         if not isinstance(out, Mapping):
@@ -199,7 +257,10 @@ class MultiRouteCriterion(nn.Module):
                 scale = route_weight * (self.encoder_weight if suffix == "enc" else 1.0)
                 for label, indices in groups.items():
                     tag = route if label is None else f"{route}:{label}"
-                    for term, value in self.set_losses(out, packed, indices, num_boxes).items():
+                    terms = self.set_losses(out, packed, indices, num_boxes)
+                    if self.mask_loss is not None and out.get("pred_masks") is not None:
+                        terms.update(self.mask_set_losses(out, targets, indices, num_boxes))
+                    for term, value in terms.items():
                         losses[f"{term}/{tag}/{suffix}"] = value
                         total = total + self.weight_dict[term] * scale * value
         losses["loss"] = total

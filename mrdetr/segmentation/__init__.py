@@ -4,6 +4,7 @@ See ``docs/segmentation.md``."""
 
 from .head import MaskHead, attention_maps
 from .losses import (
+    MaskLoss,
     dice_loss,
     grid_points,
     mask_losses,
@@ -18,6 +19,7 @@ from .postprocess import encode_rle, evaluate_coco, masks_to_coco_results, resiz
 __all__ = [
     "MaskHead",
     "MaskHungarianMatcher",
+    "MaskLoss",
     "attention_maps",
     "dice_loss",
     "encode_rle",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "MaskLoss",
     "dice_loss",
     "grid_points",
     "mask_losses",
@@ -178,3 +179,48 @@ def pairwise_mask_costs(
     p = x.sigmoid()
     dice = 1 - (2 * p @ t.T + 1) / (p.sum(-1, keepdim=True) + t.sum(-1)[None] + 1)
     return bce, dice
+
+
+class MaskLoss:
+    """The mask-loss plug-in of :class:`mrdetr.MultiRouteCriterion` (its ``mask_loss``).
+
+    ``loss(pred_masks (Tensor[M, h, w]), target_masks (Tensor[M, H, W])) -> (bce (Tensor[M]),
+    dice (Tensor[M]))``: :func:`mask_losses` with the stored arguments.
+
+    Args:
+        num_points: points per mask (None: every gt pixel, the dense loss).
+        oversample_ratio, importance_ratio: see :func:`sample_points`.
+    """
+
+    def __init__(
+        self,
+        num_points: int | None = 12544,
+        oversample_ratio: float = 3.0,
+        importance_ratio: float = 0.75,
+    ) -> None:
+        if num_points is not None and (
+            isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1
+        ):
+            raise ValueError(
+                f"MaskLoss: num_points must be an int >= 1 or None, got {num_points!r}"
+            )
+        if not oversample_ratio >= 1:
+            raise ValueError(f"MaskLoss: oversample_ratio must be >= 1, got {oversample_ratio!r}")
+        if not 0 <= importance_ratio <= 1:
+            raise ValueError(
+                f"MaskLoss: importance_ratio must be in [0, 1], got {importance_ratio!r}"
+            )
+        self.num_points = num_points
+        self.oversample_ratio, self.importance_ratio = oversample_ratio, importance_ratio
+
+    def __repr__(self) -> str:
+        return (
+            f"MaskLoss(num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
+            f"importance_ratio={self.importance_ratio})"
+        )
+
+    def __call__(self, pred_masks: Tensor, target_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-mask ``(bce, dice)``, each ``Tensor[M]``."""
+        return mask_losses(
+            pred_masks, target_masks, self.num_points, self.oversample_ratio, self.importance_ratio
+        )
