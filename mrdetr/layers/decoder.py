@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from ..routes import Route
+from .instructive_attention import check_attn_mask
+from .ms_deform_attn import check_levels
 from .multi_route import _MR_DETR, MultiRouteDecoderLayer
 
 __all__ = ["MultiRouteDecoder", "MultiRouteDecoderOutput", "inverse_sigmoid"]
@@ -142,6 +144,8 @@ class MultiRouteDecoder(nn.Module):
             :class:`MultiRouteDecoderOutput`. In eval mode only the primary route runs (R = 1).
         """
         self._check(query, reference_points, valid_ratios, box_heads)
+        check_levels(spatial_shapes, level_start_index, self.layers[0].num_levels)
+        check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
         if not self.training and query.shape[0] > 1:
             query, reference_points = query[:1], reference_points[:1]
             query_pos = None if query_pos is None else query_pos[:1]

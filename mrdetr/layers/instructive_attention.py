@@ -6,7 +6,10 @@ Functional core :func:`instructive_self_attention`; thin modules :class:`MultiHe
 :class:`MultiHeadSelfAttention`'s weights).
 
 Mask convention (as ``nn.MultiheadAttention``): a boolean ``attn_mask[i, j] = True`` blocks query
-``i`` from key ``j``; a floating mask is added to the attention logits (``-inf`` blocks).
+``i`` from key ``j``; a floating mask (any floating dtype, cast to the query's) is added to the
+attention logits (``-inf`` blocks). Integer masks (``uint8``, ``int64``, ...) are rejected with a
+``TypeError``: whether ``1`` means "block" or "add 1 to the logit" is ambiguous, and adding it
+silently is what a 0/1 mask would do otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +21,32 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["instructive_self_attention", "MultiHeadSelfAttention", "InstructiveSelfAttention"]
+__all__ = [
+    "check_attn_mask",
+    "instructive_self_attention",
+    "MultiHeadSelfAttention",
+    "InstructiveSelfAttention",
+]
+
+
+def check_attn_mask(
+    attn_mask: Tensor | None, q: int, like: Tensor, name: str = "attn_mask"
+) -> None:
+    """Check an attention mask ``Tensor[Q, Q]`` against the ``Q`` queries of ``like`` (the query
+    tensor): shape, dtype (bool or floating; integer masks raise ``TypeError``) and device."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{name} must be a Tensor[Q, Q] or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"{name} must be bool (True blocks) or floating (added to the logits), got "
+            f"{attn_mask.dtype}; convert a 0/1 mask with mask.bool()"
+        )
+    if tuple(attn_mask.shape) != (q, q):
+        raise ValueError(f"{name} must be [Q, Q]=({q}, {q}), got {tuple(attn_mask.shape)}")
+    if attn_mask.device != like.device:
+        raise ValueError(f"{name} is on {attn_mask.device}, the queries on {like.device}")
 
 
 def _check(query, query_pos, tokens, tokens_pos, num_heads, attn_mask, num_denoising) -> None:
@@ -38,8 +66,7 @@ def _check(query, query_pos, tokens, tokens_pos, num_heads, attn_mask, num_denoi
             raise ValueError(
                 f"tokens_pos must match tokens {tuple(tokens.shape)}, got {tuple(tokens_pos.shape)}"
             )
-    if attn_mask is not None and tuple(attn_mask.shape) != (q, q):
-        raise ValueError(f"attn_mask must be [Q, Q]=({q}, {q}), got {tuple(attn_mask.shape)}")
+    check_attn_mask(attn_mask, q, query)
     if not 0 <= num_denoising <= q:
         raise ValueError(f"num_denoising must be in [0, Q={q}], got {num_denoising}")
 
@@ -104,7 +131,7 @@ def instructive_self_attention(
         out_proj_weight (Tensor[C, C]), out_proj_bias (Tensor[C] or None): output projection.
         num_heads: attention heads ``H``.
         attn_mask (Tensor[Q, Q], bool or float, optional): among object queries; bool True
-            blocks, float is added to the logits.
+            blocks, float is added to the logits; integer dtypes raise ``TypeError``.
         num_denoising: leading denoising queries (DINO); they cannot see the instruction
             columns, the ``Q - num_denoising`` matching queries can.
         dropout_p: dropout on the attention probabilities (pass 0 in eval).

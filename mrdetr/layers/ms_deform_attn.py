@@ -9,7 +9,24 @@ from torch import Tensor, nn
 
 from ..ops import ms_deform_attn
 
-__all__ = ["MultiScaleDeformableAttention"]
+__all__ = ["MultiScaleDeformableAttention", "check_levels"]
+
+
+def check_levels(spatial_shapes: Tensor, level_start_index: Tensor, num_levels: int) -> None:
+    """Raise a ``ValueError`` unless ``spatial_shapes`` is ``Tensor[L, 2]`` and
+    ``level_start_index`` ``Tensor[L]`` with ``L = num_levels`` (the module's levels). Shapes
+    only: the values are checked by :func:`mrdetr.ops.ms_deform_attn`."""
+    for name, t, want in (
+        ("spatial_shapes", spatial_shapes, (num_levels, 2)),
+        ("level_start_index", level_start_index, (num_levels,)),
+    ):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor{list(want)}, got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"{name} must be {list(want)} for num_levels={num_levels} (the layer's levels), "
+                f"got {list(t.shape)} ({t.shape[0] if t.dim() else 0} levels)"
+            )
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -114,6 +131,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if not self.batch_first:
             query, value = query.transpose(0, 1), value.transpose(0, 1)
         self._check(query, reference_points, value, key_padding_mask)
+        check_levels(spatial_shapes, level_start_index, self.num_levels)
         b, q, _ = query.shape
         h, l, p = self.num_heads, self.num_levels, self.num_points
         if reference_points.dim() == 3:
@@ -153,6 +171,11 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(
                 f"reference_points must be [B={b}, Q={q}, L={self.num_levels}, 2 or 4] or "
                 f"[B, Q, 2 or 4], got {tuple(ref.shape)}"
+            )
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be bool (True at padded positions), got "
+                f"{key_padding_mask.dtype}; convert a 0/1 mask with mask.bool()"
             )
         if key_padding_mask is not None and key_padding_mask.shape != value.shape[:2]:
             raise ValueError(

@@ -24,8 +24,12 @@ from torch import Tensor, nn
 from .. import routes as routes_lib
 from ..routes import Route
 from .ffn import FFN
-from .instructive_attention import InstructiveSelfAttention, MultiHeadSelfAttention
-from .ms_deform_attn import MultiScaleDeformableAttention
+from .instructive_attention import (
+    InstructiveSelfAttention,
+    MultiHeadSelfAttention,
+    check_attn_mask,
+)
+from .ms_deform_attn import MultiScaleDeformableAttention, check_levels
 
 __all__ = ["MultiRouteDecoderLayer"]
 
@@ -174,7 +178,8 @@ class MultiRouteDecoderLayer(nn.Module):
             spatial_shapes (Tensor[L, 2], int64), level_start_index (Tensor[L], int64).
             key_padding_mask (Tensor[B, S], bool, optional): True at padded memory positions.
             self_attn_mask (Tensor[Q, Q], bool or float, optional): bool True blocks (float is
-                added to the logits); the same for every route.
+                added to the logits; integer dtypes raise ``TypeError``); the same for every
+                route.
             num_denoising: leading denoising queries (DINO); they never see instruction tokens.
 
         Returns:
@@ -182,6 +187,8 @@ class MultiRouteDecoderLayer(nn.Module):
             ``[1, B, Q, C]`` (extra input routes are ignored).
         """
         self._check(query, query_pos, reference_points, value)
+        check_levels(spatial_shapes, level_start_index, self.num_levels)
+        check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
         if not self.training and query.shape[0] > 1:
             query, reference_points = query[:1], reference_points[:1]
             query_pos = None if query_pos is None else query_pos[:1]
