@@ -35,6 +35,8 @@ the whole batch, e.g. the padded batch's). Sets without ``"pred_masks"`` get no 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .losses import giou_loss, l1_loss, sigmoid_focal_loss
+from .matching.indices import flatten_indices
 from .matching.inputs import PackedTargets, check_predictions, pack_targets
 from .matching.router import RouteMatcher
 
@@ -64,7 +67,9 @@ class MultiRouteCriterion(nn.Module):
         matcher: a :class:`~mrdetr.matching.RouteMatcher`, or a mapping ``{route_name: matcher
             or {label: matcher}}`` that is wrapped into one.
         weight_dict: weight per term; missing terms take :data:`DEFAULT_WEIGHTS`.
-        route_weights: weight per route (default 1.0 for every route).
+        route_weights: weight per route (default 1.0 for every route); every key must be a route
+            of the matcher (checked here and again at every call, so a typo such as
+            ``"aux_fn"`` raises instead of being ignored).
         encoder_weight: extra factor of the encoder-proposal losses (reference recipe: 3).
         focal_alpha, focal_gamma: focal loss parameters.
         encoder_matcher: matcher for ``enc_outputs``; by default each route's own matcher.
@@ -101,10 +106,6 @@ class MultiRouteCriterion(nn.Module):
         if mask_loss is not None and not callable(mask_loss):
             raise ValueError(f"mask_loss must be callable, received {type(mask_loss).__name__}")
         self.mask_loss = mask_loss
-        terms = _TERMS + (tuple(MASK_WEIGHTS) if mask_loss is not None else ())
-        unknown = set(weight_dict or {}) - set(terms)
-        if unknown:
-            raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
         defaults = {**DEFAULT_WEIGHTS, **(MASK_WEIGHTS if mask_loss is not None else {})}
         self.weight_dict = {**defaults, **(weight_dict or {})}
         self.route_weights = dict(route_weights or {})
@@ -112,6 +113,29 @@ class MultiRouteCriterion(nn.Module):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.encoder_matcher = encoder_matcher
         self.distributed = distributed
+        self.check_weights()
+
+    def check_weights(self) -> None:
+        """Raise a ``ValueError`` for a ``weight_dict`` term other than :data:`DEFAULT_WEIGHTS`'s
+        (and :data:`MASK_WEIGHTS`' with ``mask_loss``), a ``route_weights`` key that is not a
+        route of the matcher, or a weight that is not a finite number. Called at construction
+        and by every ``forward`` (the dicts may have been edited in between)."""
+        terms = _TERMS + (tuple(MASK_WEIGHTS) if self.mask_loss is not None else ())
+        unknown = set(self.weight_dict) - set(terms)
+        if unknown:
+            raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
+        unknown = set(self.route_weights) - set(self.matcher)
+        if unknown:
+            raise ValueError(
+                f"route_weights: unknown routes {sorted(unknown)}; the matcher's routes are "
+                f"{list(self.matcher)}"
+            )
+        named = [("encoder_weight", self.encoder_weight)]
+        named += [(f"weight_dict[{k!r}]", v) for k, v in self.weight_dict.items()]
+        named += [(f"route_weights[{k!r}]", v) for k, v in self.route_weights.items()]
+        for name, v in named:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, received {v!r}")
 
     def num_boxes(self, packed: PackedTargets, device: torch.device) -> Tensor:
         """Number of gt boxes of the batch as a float ``Tensor[]``, averaged over processes when
@@ -136,27 +160,13 @@ class MultiRouteCriterion(nn.Module):
         (``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]``) matched by ``indices`` (per image
         ``(pred_idx [M_b], gt_idx [M_b])``) to the ``packed`` targets, each summed and divided by
         ``num_boxes``. A prediction matched to several gts is a positive of each of their
-        classes and is regressed towards each of their boxes."""
+        classes and is regressed towards each of their boxes. The indices are validated
+        (:func:`~mrdetr.matching.indices.flatten_indices`): an index outside ``[0, Q)`` or
+        ``[0, N_b)`` raises a ``ValueError``."""
         logits, boxes = out["pred_logits"], out["pred_boxes"]
-        b, q, _ = logits.shape
-        if len(indices) != b:
-            raise ValueError(f"matcher returned {len(indices)} index pairs for {b} images")
-        offsets = [0]
-        for n in packed.sizes:
-            offsets.append(offsets[-1] + n)
-        image_idx, pred_idx, gt_idx = [], [], []
-        for i, (p, g) in enumerate(indices):
-            if p.shape != g.shape or p.dim() != 1:
-                raise ValueError(
-                    f"image {i}: matcher returned pred_idx {tuple(p.shape)} and gt_idx "
-                    f"{tuple(g.shape)}; expected two int64 [M]"
-                )
-            image_idx.append(torch.full_like(p, i))
-            pred_idx.append(p)
-            gt_idx.append(g + offsets[i])
-        image_idx = torch.cat(image_idx).to(logits.device)
-        pred_idx = torch.cat(pred_idx).to(logits.device)
-        gt_idx = torch.cat(gt_idx).to(logits.device)
+        q = logits.shape[1]
+        who = "MultiRouteCriterion"
+        image_idx, pred_idx, gt_idx = flatten_indices(indices, packed.sizes, q, logits.device, who)
 
         onehot = torch.zeros_like(logits)
         onehot[image_idx, pred_idx, packed.labels[gt_idx]] = 1.0
@@ -233,6 +243,7 @@ class MultiRouteCriterion(nn.Module):
         """Losses of every route and layer; see the module docstring for the layout."""
         if not isinstance(outputs, Mapping) or not outputs:
             raise ValueError("MultiRouteCriterion: outputs must be a non-empty dict of routes")
+        self.check_weights()
         routes = {route: self._check_route(route, out) for route, out in outputs.items()}
         first = next(iter(outputs.values()))
         b = first["pred_logits"].shape[0]

@@ -17,19 +17,11 @@ from .costs import (
     iou_block,
     xyxy,
 )
+from .indices import MatchIndices, empty_indices
 from .inputs import PackedTargets, check_predictions, pack_targets
 from .workspace import Workspace
 
 __all__ = ["HungarianMatcher", "MatchIndices", "empty_indices", "locate_non_finite"]
-
-MatchIndices = list[tuple[Tensor, Tensor]]
-"""Per image ``b``: ``(pred_idx (Tensor[M_b], int64), gt_idx (Tensor[M_b], int64))``."""
-
-
-def empty_indices(device: torch.device) -> tuple[Tensor, Tensor]:
-    """An empty ``(pred_idx, gt_idx)`` pair: two int64 ``Tensor[0]`` on ``device``."""
-    e = torch.zeros(0, dtype=torch.int64, device=device)
-    return e, e.clone()
 
 
 def locate_non_finite(logits: Tensor, boxes: Tensor, images: Sequence[int], who: str) -> None:
