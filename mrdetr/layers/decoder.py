@@ -105,6 +105,19 @@ class MultiRouteDecoder(nn.Module):
             layer.strip_auxiliary()
         return self
 
+    def set_eval_routes(self, names: Sequence[str] = ()) -> MultiRouteDecoder:
+        """Run the auxiliary routes ``names`` in eval mode too (see
+        :meth:`MultiRouteDecoderLayer.set_eval_routes`); ``()`` restores the default (primary
+        alone). Returns ``self``."""
+        for layer in self.layers:
+            layer.set_eval_routes(names)
+        return self
+
+    @property
+    def eval_route_names(self) -> tuple[str, ...]:
+        """Names of the routes an eval-mode forward returns, in order (primary first)."""
+        return self.layers[0].eval_route_names
+
     def forward(
         self,
         query: Tensor,
@@ -141,14 +154,16 @@ class MultiRouteDecoder(nn.Module):
                 :meth:`MultiRouteDecoderLayer.forward`.
 
         Returns:
-            :class:`MultiRouteDecoderOutput`. In eval mode only the primary route runs (R = 1).
+            :class:`MultiRouteDecoderOutput`. In eval mode only the primary route runs (R = 1),
+            or the routes :attr:`eval_route_names` after :meth:`set_eval_routes`.
         """
         self._check(query, reference_points, valid_ratios, box_heads)
         check_levels(spatial_shapes, level_start_index, self.layers[0].num_levels)
         check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
-        if not self.training and query.shape[0] > 1:
-            query, reference_points = query[:1], reference_points[:1]
-            query_pos = None if query_pos is None else query_pos[:1]
+        n_eval = self.layers[0].num_eval_routes
+        if not self.training and query.shape[0] > n_eval:
+            query, reference_points = query[:n_eval], reference_points[:n_eval]
+            query_pos = None if query_pos is None else query_pos[:n_eval]
         x, ref, ref_pred = query, reference_points, reference_points
         hidden, refs = [], []
         for i, layer in enumerate(self.layers):

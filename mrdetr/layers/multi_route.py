@@ -134,6 +134,7 @@ class MultiRouteDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.aux = nn.ModuleDict({r.name: _AuxiliaryModules(r, cfg) for r in self.routes[1:]})
+        self.eval_routes: tuple[str, ...] = ()
 
     @property
     def num_routes(self) -> int:
@@ -152,7 +153,39 @@ class MultiRouteDecoderLayer(nn.Module):
         """
         self.aux = nn.ModuleDict()
         self.routes = self.routes[:1]
+        self.eval_routes = ()
         return self
+
+    def set_eval_routes(self, names: Sequence[str] = ()) -> MultiRouteDecoderLayer:
+        """Choose auxiliary routes that also run in eval mode (default: none, the primary alone).
+
+        Eval then runs routes ``0 .. k`` (``k``: the last chosen route; routes in between run
+        too, since routes are a prefix of the route axis), so the output holds
+        :attr:`num_eval_routes` routes, named by :attr:`eval_route_names`. Training is
+        unaffected. Returns ``self``.
+
+        Raises:
+            ValueError: a name is not one of this layer's auxiliary routes.
+        """
+        if isinstance(names, str):
+            names = (names,)
+        aux = [r.name for r in self.routes[1:]]
+        unknown = [n for n in names if n not in aux]
+        if unknown:
+            raise ValueError(f"eval routes must be auxiliary routes {aux}, got {unknown}")
+        self.eval_routes = tuple(n for n in aux if n in names)
+        return self
+
+    @property
+    def num_eval_routes(self) -> int:
+        """Routes run in eval mode: 1 + the index of the last route of :attr:`eval_routes`."""
+        names = [r.name for r in self.routes]
+        return 1 + max((names.index(n) for n in getattr(self, "eval_routes", ())), default=0)
+
+    @property
+    def eval_route_names(self) -> tuple[str, ...]:
+        """Names of the routes an eval-mode forward returns, in order (primary first)."""
+        return tuple(r.name for r in self.routes[: self.num_eval_routes])
 
     def forward(
         self,
@@ -184,14 +217,16 @@ class MultiRouteDecoderLayer(nn.Module):
 
         Returns:
             Tensor[R, B, Q, C]. In eval mode only the primary route runs and the output is
-            ``[1, B, Q, C]`` (extra input routes are ignored).
+            ``[1, B, Q, C]`` (extra input routes are ignored), unless :meth:`set_eval_routes`
+            chose auxiliary routes: then ``[num_eval_routes, B, Q, C]``.
         """
         self._check(query, query_pos, reference_points, value)
         check_levels(spatial_shapes, level_start_index, self.num_levels)
         check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
-        if not self.training and query.shape[0] > 1:
-            query, reference_points = query[:1], reference_points[:1]
-            query_pos = None if query_pos is None else query_pos[:1]
+        n_eval = self.num_eval_routes
+        if not self.training and query.shape[0] > n_eval:
+            query, reference_points = query[:n_eval], reference_points[:n_eval]
+            query_pos = None if query_pos is None else query_pos[:n_eval]
         routes = self.routes[: query.shape[0]]
         x = self._self_attention(query, query_pos, routes, self_attn_mask, num_denoising)
         qp = x if query_pos is None else x + query_pos
@@ -271,7 +306,7 @@ class MultiRouteDecoderLayer(nn.Module):
         n, c = len(self.routes), self.embed_dim
         if query.dim() != 4 or query.shape[-1] != c:
             raise ValueError(f"query must be [R, B, Q, C={c}], got {tuple(query.shape)}")
-        if query.shape[0] not in (1, n):
+        if query.shape[0] not in (1, n, self.num_eval_routes):
             raise ValueError(
                 f"query must hold R=1 (the primary route) or R={n} (all routes: "
                 f"{[r.name for r in self.routes]}) routes, got R={query.shape[0]}"
