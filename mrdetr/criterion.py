@@ -31,6 +31,10 @@ Tensor[B, Q_r, h, w]`` (logits) also gets ``loss_mask`` (sigmoid BCE) and ``loss
 pairs its route's matcher chose (the primary route's Hungarian pairs, an auxiliary route's
 one-to-many pairs); targets then hold ``"masks": Tensor[N_b, H, W]`` (bool, one canvas size for
 the whole batch, e.g. the padded batch's). Sets without ``"pred_masks"`` get no mask terms.
+
+Mixture of experts (optional): a route whose dict holds ``"loss_moe": Tensor[]`` (the
+load-balancing loss, ``MultiRouteDecoder.moe_losses()[route]``) gets ``"loss_moe/{route}"``,
+added to ``"loss"`` with ``weight_dict["loss_moe"]`` (default 0.01) times the route's weight.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ DEFAULT_WEIGHTS = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 """The reference recipe: focal 2, L1 5, GIoU 2, for every route and decoder layer."""
 
 _TERMS = tuple(DEFAULT_WEIGHTS)
+
+MOE_WEIGHTS = {"loss_moe": 0.01}
+"""Default weight of a route's mixture-of-experts load-balancing loss (Switch Transformer's)."""
 
 MASK_WEIGHTS = {"loss_mask": 5.0, "loss_dice": 5.0}
 """Default weights of the mask terms (Mask2Former / Mask DINO): BCE 5, dice 5."""
@@ -106,7 +113,11 @@ class MultiRouteCriterion(nn.Module):
         if mask_loss is not None and not callable(mask_loss):
             raise ValueError(f"mask_loss must be callable, received {type(mask_loss).__name__}")
         self.mask_loss = mask_loss
-        defaults = {**DEFAULT_WEIGHTS, **(MASK_WEIGHTS if mask_loss is not None else {})}
+        defaults = {
+            **DEFAULT_WEIGHTS,
+            **MOE_WEIGHTS,
+            **(MASK_WEIGHTS if mask_loss is not None else {}),
+        }
         self.weight_dict = {**defaults, **(weight_dict or {})}
         self.route_weights = dict(route_weights or {})
         self.encoder_weight = encoder_weight
@@ -116,11 +127,15 @@ class MultiRouteCriterion(nn.Module):
         self.check_weights()
 
     def check_weights(self) -> None:
-        """Raise a ``ValueError`` for a ``weight_dict`` term other than :data:`DEFAULT_WEIGHTS`'s
-        (and :data:`MASK_WEIGHTS`' with ``mask_loss``), a ``route_weights`` key that is not a
-        route of the matcher, or a weight that is not a finite number. Called at construction
-        and by every ``forward`` (the dicts may have been edited in between)."""
-        terms = _TERMS + (tuple(MASK_WEIGHTS) if self.mask_loss is not None else ())
+        """Raise a ``ValueError`` for a ``weight_dict`` term other than :data:`DEFAULT_WEIGHTS`'s,
+        ``"loss_moe"`` (and :data:`MASK_WEIGHTS`' with ``mask_loss``), a ``route_weights`` key
+        that is not a route of the matcher, or a weight that is not a finite number. Called at
+        construction and by every ``forward`` (the dicts may have been edited in between)."""
+        terms = (
+            _TERMS
+            + tuple(MOE_WEIGHTS)
+            + (tuple(MASK_WEIGHTS) if self.mask_loss is not None else ())
+        )
         unknown = set(self.weight_dict) - set(terms)
         if unknown:
             raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
@@ -274,5 +289,15 @@ class MultiRouteCriterion(nn.Module):
                     for term, value in terms.items():
                         losses[f"{term}/{tag}/{suffix}"] = value
                         total = total + self.weight_dict[term] * scale * value
+            moe = outputs[route].get("loss_moe")
+            if moe is not None:
+                if not isinstance(moe, Tensor) or moe.dim() != 0:
+                    got = tuple(moe.shape) if isinstance(moe, Tensor) else type(moe).__name__
+                    raise ValueError(
+                        f"MultiRouteCriterion: outputs[{route!r}]['loss_moe'] must be a 0-dim "
+                        f"tensor (MultiRouteDecoder.moe_losses()[route]), received {got}"
+                    )
+                losses[f"loss_moe/{route}"] = moe
+                total = total + self.weight_dict["loss_moe"] * route_weight * moe
         losses["loss"] = total
         return losses

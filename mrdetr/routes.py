@@ -24,6 +24,7 @@ __all__ = [
     "SUPERVISIONS",
     "validate_routes",
     "mr_detr",
+    "mr_detr_moe",
     "baseline",
     "paper_ablation",
 ]
@@ -48,6 +49,10 @@ class Route:
         num_instruction_tokens: learnable instruction tokens in the route's self-attention
             (0 = plain self-attention). With ``own_self_attn=False`` the tokens attend through the
             primary route's weights, as Mr. DETR's Route-3.
+        ffn_experts: 0 (a plain FFN) or ``E >= 2``: the route's own FFN is a route-aware mixture
+            of ``E`` experts (:class:`~mrdetr.layers.moe.MoEFFN`, Mr. DETR++); needs
+            ``own_ffn=True``.
+        ffn_top_k: experts per query of the mixture, in ``1 .. ffn_experts``.
     """
 
     name: str
@@ -56,6 +61,8 @@ class Route:
     own_cross_attn: bool = False
     own_ffn: bool = False
     num_instruction_tokens: int = 0
+    ffn_experts: int = 0
+    ffn_top_k: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -66,6 +73,13 @@ class Route:
             raise ValueError(
                 f"num_instruction_tokens must be an int >= 0, got {self.num_instruction_tokens!r}"
             )
+        e, k = self.ffn_experts, self.ffn_top_k
+        if isinstance(e, bool) or not isinstance(e, int) or e < 0 or e == 1:
+            raise ValueError(f"ffn_experts must be 0 or an int >= 2, got {e!r}")
+        if e and not self.own_ffn:
+            raise ValueError(f"route {self.name!r}: ffn_experts={e} needs own_ffn=True")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(e, 1):
+            raise ValueError(f"ffn_top_k must be an int in [1, max(ffn_experts, 1)], got {k!r}")
 
     @property
     def is_plain(self) -> bool:
@@ -124,6 +138,29 @@ def mr_detr(num_instruction_tokens: int = 10) -> tuple[Route, ...]:
         Route("primary"),
         Route("aux_ffn", supervision="o2m", own_ffn=True),
         Route("aux_instruct", supervision="o2m", num_instruction_tokens=num_instruction_tokens),
+    )
+
+
+def mr_detr_moe(
+    num_instruction_tokens: int = 10, num_experts: int = 4, top_k: int = 1
+) -> tuple[Route, ...]:
+    """Mr. DETR's three routes with a route-aware mixture-of-experts FFN (Mr. DETR++, decoder
+    only) in the second auxiliary route: ``"primary"``, ``"aux_ffn"`` (own FFN), and
+    ``"aux_instruct"`` (instruction tokens, and its own FFN, a mixture of ``num_experts``
+    experts with top-``top_k`` routing). Inference is unchanged: the primary route alone.
+    See ``docs/moe.md`` for the design and its reasons.
+    """
+    return (
+        Route("primary"),
+        Route("aux_ffn", supervision="o2m", own_ffn=True),
+        Route(
+            "aux_instruct",
+            supervision="o2m",
+            num_instruction_tokens=num_instruction_tokens,
+            own_ffn=True,
+            ffn_experts=num_experts,
+            ffn_top_k=top_k,
+        ),
     )
 
 

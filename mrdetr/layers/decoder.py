@@ -105,6 +105,15 @@ class MultiRouteDecoder(nn.Module):
             layer.strip_auxiliary()
         return self
 
+    def moe_losses(self) -> dict[str, Tensor]:
+        """Load-balancing losses ``{route name: Tensor[]}`` of the last forward, averaged over
+        the layers (routes with a mixture-of-experts FFN only; empty without)."""
+        per_route: dict[str, list[Tensor]] = {}
+        for layer in self.layers:
+            for name, loss in layer.moe_losses().items():
+                per_route.setdefault(name, []).append(loss)
+        return {name: torch.stack(v).mean() for name, v in per_route.items()}
+
     def set_eval_routes(self, names: Sequence[str] = ()) -> MultiRouteDecoder:
         """Run the auxiliary routes ``names`` in eval mode too (see
         :meth:`MultiRouteDecoderLayer.set_eval_routes`); ``()`` restores the default (primary

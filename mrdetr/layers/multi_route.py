@@ -29,6 +29,7 @@ from .instructive_attention import (
     MultiHeadSelfAttention,
     check_attn_mask,
 )
+from .moe import MoEFFN
 from .ms_deform_attn import MultiScaleDeformableAttention, check_levels
 
 __all__ = ["MultiRouteDecoderLayer"]
@@ -53,7 +54,11 @@ class _AuxiliaryModules(nn.Module):
             self.cross_attn = MultiScaleDeformableAttention(
                 c, h, cfg["num_levels"], cfg["num_points"], backend=cfg["backend"]
             )
-        if route.own_ffn:
+        if route.own_ffn and route.ffn_experts:
+            self.ffn = MoEFFN(
+                c, cfg["ffn_dim"], route.ffn_experts, route.ffn_top_k, drop, cfg["activation"]
+            )
+        elif route.own_ffn:
             self.ffn = FFN(c, cfg["ffn_dim"], drop, cfg["activation"])
 
 
@@ -156,6 +161,16 @@ class MultiRouteDecoderLayer(nn.Module):
         self.eval_routes = ()
         return self
 
+    def moe_losses(self) -> dict[str, Tensor]:
+        """Load-balancing losses ``{route name: Tensor[]}`` of the mixture-of-experts FFNs
+        (:class:`~mrdetr.layers.moe.MoEFFN`) that ran in the last forward (empty without)."""
+        out = {}
+        for name, aux in self.aux.items():
+            ffn = getattr(aux, "ffn", None)
+            if isinstance(ffn, MoEFFN) and ffn.aux_loss is not None:
+                out[name] = ffn.aux_loss
+        return out
+
     def set_eval_routes(self, names: Sequence[str] = ()) -> MultiRouteDecoderLayer:
         """Choose auxiliary routes that also run in eval mode (default: none, the primary alone).
 
@@ -221,6 +236,9 @@ class MultiRouteDecoderLayer(nn.Module):
             chose auxiliary routes: then ``[num_eval_routes, B, Q, C]``.
         """
         self._check(query, query_pos, reference_points, value)
+        for aux in self.aux.values():  # moe_losses() reports this forward's routes only
+            if isinstance(getattr(aux, "ffn", None), MoEFFN):
+                aux.ffn.aux_loss = None
         check_levels(spatial_shapes, level_start_index, self.num_levels)
         check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
         n_eval = self.num_eval_routes
