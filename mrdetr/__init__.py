@@ -1,6 +1,6 @@
 """mrdetr: Mr. DETR (CVPR 2025) instructive multi-route training for any DETR codebase."""
 
-from . import boxes, losses, routes
+from . import boxes, losses, nms, routes, segmentation
 from .convert import convert_reference_decoder, convert_reference_layer
 from .criterion import MultiRouteCriterion
 from .layers import (
@@ -37,5 +37,7 @@ __all__ = [
     "losses",
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    "nms",
     "routes",
+    "segmentation",
 ]

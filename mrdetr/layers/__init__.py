@@ -7,12 +7,14 @@ from .instructive_attention import (
     MultiHeadSelfAttention,
     instructive_self_attention,
 )
+from .moe import MoEFFN
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .multi_route import MultiRouteDecoderLayer
 
 __all__ = [
     "FFN",
     "InstructiveSelfAttention",
+    "MoEFFN",
     "MultiHeadSelfAttention",
     "MultiRouteDecoder",
     "MultiRouteDecoderLayer",
