@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "cpu/gather.h"
 #include "inputs.h"
 #include "ms_deform_attn.h"
 
@@ -33,44 +34,48 @@ Levels read_levels(const OpInputs& in) {
   return lv;
 }
 
+cpu::LevelView view(const Levels& lv) {
+  return {lv.height.data(), lv.width.data(), lv.start.data()};
+}
+
+// Forward: a thread's tasks are the (query, head) pairs of its rows, in order; the corners of
+// task t + 1 are gathered and prefetched before task t is accumulated (see cpu/gather.h).
 template <typename scalar_t>
 void forward_kernel(const OpInputs& in, const Levels& lv, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = in.B, S = in.S, H = in.H, D = in.D, Q = in.Q, L = in.L, P = in.P;
+  using Corner = cpu::Corner<scalar_t, acc_t>;
+  const int64_t S = in.S, H = in.H, D = in.D, Q = in.Q, L = in.L, P = in.P;
   const scalar_t* v = in.value.data_ptr<scalar_t>();
   const scalar_t* lp = in.loc.data_ptr<scalar_t>();
   const scalar_t* ap = in.attn.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, B * Q, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(D);
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / Q;
-      for (int64_t h = 0; h < H; ++h) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        const int64_t point0 = (bq * H + h) * L * P;  // index of [b, q, h, 0, 0]
-        for (int64_t l = 0; l < L; ++l) {
-          const scalar_t* vl = v + ((b * S + lv.start[l]) * H + h) * D;
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t i = point0 + l * P + p;
-            const auto bil = bilinear<acc_t>(static_cast<acc_t>(lp[2 * i]),
-                                             static_cast<acc_t>(lp[2 * i + 1]), lv.height[l],
-                                             lv.width[l]);
-            point_forward<scalar_t, acc_t>(vl, H * D, bil, static_cast<acc_t>(ap[i]), D,
-                                           acc.data());
-          }
-        }
-        scalar_t* o = op + (bq * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
-      }
+  const cpu::LevelView levels = view(lv);
+  at::parallel_for(0, in.B * Q, 16, [&](int64_t begin, int64_t end) {
+    cpu::Pipeline<Corner> pipe(4 * L * P);
+    const int64_t first = begin * H, last = end * H;  // tasks: flat (b, q, h) indices
+    const auto gather = [&](int64_t task) {
+      const scalar_t* vh = v + ((task / (Q * H)) * S * H + task % H) * D;  // value[b, 0, h, 0]
+      pipe.next_size = cpu::gather_corners<scalar_t, acc_t>(lp, ap, task * L * P, levels, L, P,
+                                                            vh, H * D, D, pipe.next.data());
+    };
+    gather(first);
+    for (int64_t task = first; task < last; ++task) {
+      pipe.advance();
+      if (task + 1 < last) gather(task + 1);
+      cpu::accumulate<scalar_t, acc_t>(pipe.current.data(), pipe.current_size, D,
+                                       op + task * D);
     }
   });
 }
 
+// Backward: one thread owns the value-gradient slice [b, :, h, :] and walks the queries in
+// order (deterministic, no atomics); query q + 1's value and value-gradient rows are prefetched
+// before query q is accumulated, one point at a time, by the shared header's point_backward.
 template <typename scalar_t>
 void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Levels& lv,
                      at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = in.B, S = in.S, H = in.H, D = in.D, Q = in.Q, L = in.L, P = in.P;
+  const int64_t S = in.S, H = in.H, D = in.D, Q = in.Q, L = in.L, P = in.P;
   const scalar_t* v = in.value.data_ptr<scalar_t>();
   const scalar_t* g = grad_out.data_ptr<scalar_t>();
   const scalar_t* lp = in.loc.data_ptr<scalar_t>();
@@ -78,27 +83,33 @@ void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Level
   acc_t* gv = grad_value_acc.data_ptr<acc_t>();
   scalar_t* glp = grad_loc.data_ptr<scalar_t>();
   scalar_t* gap = grad_attn.data_ptr<scalar_t>();
+  const cpu::LevelView levels = view(lv);
   const auto add = [](acc_t* dst, acc_t x) { *dst += x; };
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
+    cpu::Pipeline<cpu::Point<acc_t>> pipe(L * P);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
+      const int64_t head = (b * S * H + h) * D;  // [b, 0, h, 0] in value / grad_value
+      const auto gather = [&](int64_t q) {
+        cpu::gather_points<scalar_t, acc_t>(lp, ap, ((b * Q + q) * H + h) * L * P, levels, L, P,
+                                            v + head, gv + head, H * D, D, pipe.next.data());
+      };
+      gather(0);
       for (int64_t q = 0; q < Q; ++q) {
+        pipe.advance();
+        if (q + 1 < Q) gather(q + 1);
         const int64_t row = (b * Q + q) * H + h;  // [b, q, h] in grad_out / points
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t off = ((b * S + lv.start[l]) * H + h) * D;
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t i = (row * L + l) * P + p;
-            const auto bil = bilinear<acc_t>(static_cast<acc_t>(lp[2 * i]),
-                                             static_cast<acc_t>(lp[2 * i + 1]), lv.height[l],
-                                             lv.width[l]);
-            acc_t gx, gy, ga;
-            point_backward<scalar_t, acc_t>(v + off, gv + off, H * D, bil,
-                                            static_cast<acc_t>(ap[i]), g + row * D, D,
-                                            lv.height[l], lv.width[l], add, &gx, &gy, &ga);
-            glp[2 * i] = static_cast<scalar_t>(gx);
-            glp[2 * i + 1] = static_cast<scalar_t>(gy);
-            gap[i] = static_cast<scalar_t>(ga);
-          }
+        for (int64_t k = 0; k < L * P; ++k) {
+          const auto& pt = pipe.current[k];
+          const int64_t off = head + lv.start[pt.level] * H * D;
+          acc_t gx, gy, ga;
+          point_backward<scalar_t, acc_t>(v + off, gv + off, H * D, pt.bil, pt.attn,
+                                          g + row * D, D, lv.height[pt.level],
+                                          lv.width[pt.level], add, &gx, &gy, &ga);
+          const int64_t i = row * L * P + k;
+          glp[2 * i] = static_cast<scalar_t>(gx);
+          glp[2 * i + 1] = static_cast<scalar_t>(gy);
+          gap[i] = static_cast<scalar_t>(ga);
         }
       }
     }
