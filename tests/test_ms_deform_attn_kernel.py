@@ -1,0 +1,92 @@
+"""The CPU kernel's gather-then-accumulate paths against the fp64 reference.
+
+The forward accumulates channels in register blocks of 16 with a remainder block, the backward
+walks the queries of a (batch, head) with the next query's rows prefetched: shapes here exercise
+remainders (D around the block width), many levels and points, thread-chunk boundaries, and
+points exactly on pixel centres and map borders.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _msda import make_inputs
+
+from mrdetr.ops import ms_deform_attn, ms_deform_attn_reference
+
+LEVELS = ((5, 7), (3, 4), (2, 2), (1, 3), (4, 1), (6, 5))  # six levels, 1-pixel rows/columns
+
+
+def check_against_reference(value, ss, lsi, loc, attn, tol, loc_mask=None):
+    """Forward and all three gradients of the CPU kernel vs the fp64 reference."""
+    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    grad_out = grad_out.to(value.dtype)
+    results = []
+    for fn, cast in (
+        (ms_deform_attn, lambda t: t),
+        (ms_deform_attn_reference, torch.Tensor.double),
+    ):
+        leaves = [cast(t).detach().clone().requires_grad_() for t in (value, loc, attn)]
+        kwargs = {"backend": "cpu"} if fn is ms_deform_attn else {}
+        out = fn(leaves[0], ss, lsi, leaves[1], leaves[2], **kwargs)
+        out.backward(cast(grad_out))
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    scale = torch.stack([ss[:, 1], ss[:, 0]], -1).double()[None, None, None, :, None, :]
+    for name, a, e in zip(("out", "value", "loc", "attn"), *results, strict=True):
+        a, e = a.double(), e.double()
+        if name == "loc":  # per pixel, and only where the gradient is continuous
+            a, e = a / scale, e / scale
+            if loc_mask is not None:
+                a, e = a[loc_mask], e[loc_mask]
+        bound = tol * e.abs().clamp_min(1.0)
+        assert ((a - e).abs() <= bound).all(), f"{name}: max error {(a - e).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("dim", [1, 5, 15, 16, 17, 31, 33, 48])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channel_blocks_and_remainders(dim, dtype):
+    inputs = make_inputs(queries=19, heads=3, dim=dim, levels=LEVELS, points=5, dtype=dtype)
+    check_against_reference(*inputs, tol=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_remainder_accumulates_in_fp32(dtype):
+    """Half inputs, D = 21 (a full block and a remainder): fp32 accumulation over 60 points."""
+    inputs = make_inputs(queries=9, heads=2, dim=21, levels=LEVELS, points=10, dtype=dtype)
+    check_against_reference(*inputs, tol=1e-2 if dtype == torch.float16 else 5e-2)
+
+
+def test_points_on_pixel_centres_and_map_borders():
+    """x (and y) = -1, -0.5, 0, 0.5, w-1, w-0.5, w in pixel units: pixel centres, the map's edges
+    and the exact borders past which a point samples nothing."""
+    levels = ((4, 6), (3, 5))
+    value, ss, lsi, _, attn = make_inputs(queries=7, heads=2, dim=17, levels=levels, points=7)
+    g = torch.Generator().manual_seed(1)
+    sizes = ss.flip(-1).double()  # [L, 2] as (w, h)
+    loc = torch.empty(2, 7, 2, 2, 7, 2, dtype=torch.float64)
+    for level, (w, h) in enumerate(sizes.tolist()):
+        for axis, n in enumerate((w, h)):
+            # outside border, map edge, first centre, between, last centre, map edge, border
+            coords = torch.tensor([-1.0, -0.5, 0.0, 0.5, n - 1.0, n - 0.5, n], dtype=torch.float64)
+            pick = torch.randint(0, 7, (2, 7, 2, 7), generator=g)
+            loc[:, :, :, level, :, axis] = (coords[pick] + 0.5) / n
+    # the location gradient jumps at integer pixel coordinates (the bilinear cell changes):
+    # compare it only at the half-integer ones (map edges, between centres)
+    pixel = loc * sizes[None, None, None, :, None, :] - 0.5
+    kink = (pixel - pixel.round()).abs() < 1e-9
+    check_against_reference(value, ss, lsi, loc, attn, tol=1e-10, loc_mask=~kink)
+
+
+def test_forward_identical_across_thread_counts_and_chunk_boundaries():
+    """Rows split over threads in chunks (grain 16): 37 queries x 2 images cross chunk edges."""
+    value, ss, lsi, loc, attn = make_inputs(queries=37, heads=4, dim=20, dtype=torch.float32)
+    outs, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(ms_deform_attn(value, ss, lsi, loc, attn, backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    expected = ms_deform_attn_reference(value.double(), ss, lsi, loc.double(), attn.double())
+    torch.testing.assert_close(outs[0].double(), expected, rtol=1e-5, atol=1e-5)
