@@ -1,10 +1,17 @@
 """Benchmark ``ms_deform_attn``: compiled kernels against the PyTorch reference, same run.
 
-    python benchmarks/ms_deform_attn.py                 # CPU, 1 and 2 threads, fp32
-    python benchmarks/ms_deform_attn.py --device cuda   # on a GPU
+    python benchmarks/ms_deform_attn.py                        # CPU, 1 and 2 threads, fp32
+    python benchmarks/ms_deform_attn.py --baseline bad594d     # + the kernel of a git revision
+    python benchmarks/ms_deform_attn.py --device cuda          # on a GPU
 
 Prints medians (ms) over ``--reps`` repetitions after warm-up and the reference/kernel ratio
-(higher = kernel faster), plus the peak memory of one forward+backward (fp32 only).
+(higher = kernel faster) for three sampling patterns (see ``sampling_locations``): ``uniform``
+(every location random on the map), ``near`` (around a per-query reference point, as in a
+trained model) and ``hot`` (every location in one small cluster, so every read hits the cache).
+The kernel's uniform / hot time ratio measures how well it hides memory latency (1 = reads cost
+nothing beyond their arithmetic), independently of the machine's speed. ``--memory`` adds the
+peak memory of one forward+backward (fp32). ``--baseline REV`` times the CPU kernel of a git
+revision and the current one on the raw ops (see ``benchmarks/_msda_kernels.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +29,48 @@ from mrdetr.ops import ms_deform_attn
 
 DETR_LEVELS = [(100, 150), (50, 75), (25, 38), (13, 19)]
 SQUARE_LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]
+SAMPLINGS = ("uniform", "near", "hot")
+CASES = {
+    "decoder": ("decoder Q=300 DETR levels", DETR_LEVELS, 300),
+    "encoder": ("encoder DETR levels", DETR_LEVELS, None),
+    "encoder-square": ("encoder 64^2..8^2", SQUARE_LEVELS, None),
+}
+NEAR_PIXELS = 4.0  # std of a "near" location around its reference point, in pixels of its level
+HOT_SPAN = 0.02  # side of the "hot" cluster, as a fraction of the map
 
 
-def make_inputs(levels, num_queries, device, dtype, batch=2, heads=8, dim=32, points=4):
+def sampling_locations(levels, batch, queries, heads, points, sampling, generator):
+    """Locations ``[B, Q, H, L, P, 2]`` in [0, 1] (x, y) for a sampling pattern.
+
+    uniform: independent uniform locations. near: a reference point per query (decoder: uniform;
+    encoder, ``queries == S``: the query's own pixel) plus a Gaussian offset of ``NEAR_PIXELS``
+    pixels of each level. hot: uniform in a ``HOT_SPAN``-wide square at the map's centre.
+    """
+    nl = len(levels)
+    shape = (batch, queries, heads, nl, points, 2)
+    if sampling == "uniform":
+        return torch.rand(shape, generator=generator)
+    if sampling == "hot":
+        return 0.5 + HOT_SPAN * (torch.rand(shape, generator=generator) - 0.5)
+    if sampling != "near":
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    sizes = [h * w for h, w in levels]
+    if queries == sum(sizes):  # encoder: each query sits on its own pixel
+        refs = []
+        for h, w in levels:
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            refs.append(torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(-1, 2))
+        ref = torch.cat(refs)[None].expand(batch, queries, 2)  # [B, Q, 2]
+    else:
+        ref = torch.rand(batch, queries, 2, generator=generator)
+    wh = torch.tensor([[w, h] for h, w in levels], dtype=torch.float32)  # [L, 2]
+    offset = torch.randn(shape, generator=generator) * NEAR_PIXELS / wh[:, None, :]
+    return (ref[:, :, None, None, None, :] + offset).clamp(0.0, 1.0)
+
+
+def make_inputs(
+    levels, num_queries, device, dtype, batch=2, heads=8, dim=32, points=4, sampling="uniform"
+):
     """Random op inputs; ``num_queries=None`` makes every value token a query (encoder)."""
     g = torch.Generator().manual_seed(0)
     ss = torch.tensor(levels, dtype=torch.int64)
@@ -34,7 +80,7 @@ def make_inputs(levels, num_queries, device, dtype, batch=2, heads=8, dim=32, po
     q = s if num_queries is None else num_queries
     nl = len(levels)
     value = torch.randn(batch, s, heads, dim, generator=g)
-    loc = torch.rand(batch, q, heads, nl, points, 2, generator=g)
+    loc = sampling_locations(levels, batch, q, heads, points, sampling, g)
     attn = torch.rand(batch, q, heads, nl, points, generator=g).softmax(-1)
     tensors = [value, ss, lsi, loc, attn]
     return [t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in tensors]
@@ -46,6 +92,7 @@ def _sync(device):
 
 
 def timeit(fn, device, reps, warmup=2):
+    """Median wall time (ms) of ``fn`` over ``reps`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -106,55 +153,82 @@ def fwd_bwd(inputs, backend):
     out.sum().backward()
 
 
-def run_case(name, case, device, dtype, reps):
-    """Time forward and forward+backward of the kernel and the reference; print the ratios."""
-    inputs = make_inputs(*case, device, dtype)
+def time_backends(inputs, device, reps):
+    """Median ms of reference forward, kernel forward, reference fwd+bwd, kernel fwd+bwd."""
     value, ss, lsi, loc, attn = inputs
 
     def fwd(backend):
         with torch.no_grad():
             ms_deform_attn(value, ss, lsi, loc, attn, backend=backend)
 
-    ref_f = timeit(lambda: fwd("pytorch"), device, reps)
-    ker_f = timeit(lambda: fwd(device), device, reps)
-    ref_fb = timeit(lambda: fwd_bwd(inputs, "pytorch"), device, reps)
-    ker_fb = timeit(lambda: fwd_bwd(inputs, device), device, reps)
-    line = (
-        f"{name:26s} fwd {ref_f:8.2f} / {ker_f:7.2f} ms = {ref_f / ker_f:5.1f}x   "
-        f"fwd+bwd {ref_fb:8.2f} / {ker_fb:7.2f} ms = {ref_fb / ker_fb:5.1f}x"
+    return (
+        timeit(lambda: fwd("pytorch"), device, reps),
+        timeit(lambda: fwd(device), device, reps),
+        timeit(lambda: fwd_bwd(inputs, "pytorch"), device, reps),
+        timeit(lambda: fwd_bwd(inputs, device), device, reps),
     )
-    if dtype == torch.float32:
-        mem_ref = peak_memory(case, "pytorch", device, torch.get_num_threads())
-        mem_ker = peak_memory(case, device, device, torch.get_num_threads())
-        line += (
-            f"   peak mem {mem_ker / 2**20:7.1f} / {mem_ref / 2**20:7.1f} MiB = "
-            f"{mem_ker / max(mem_ref, 1):4.2f}x"
+
+
+def run_case(name, case, device, dtype, reps, samplings, memory):
+    """Time forward and forward+backward of kernel and reference per sampling; print ratios."""
+    kernel_times = {}
+    for sampling in samplings:
+        inputs = make_inputs(*case, device, dtype, sampling=sampling)
+        ref_f, ker_f, ref_fb, ker_fb = time_backends(inputs, device, reps)
+        kernel_times[sampling] = (ker_f, ker_fb)
+        line = (
+            f"{name:26s} {sampling:7s} fwd {ref_f:8.2f} / {ker_f:7.2f} ms = {ref_f / ker_f:5.1f}x"
+            f"   fwd+bwd {ref_fb:8.2f} / {ker_fb:7.2f} ms = {ref_fb / ker_fb:5.1f}x"
         )
-    print(line, flush=True)
+        if memory and dtype == torch.float32 and sampling == samplings[0]:
+            mem_ref = peak_memory(case, "pytorch", device, torch.get_num_threads())
+            mem_ker = peak_memory(case, device, device, torch.get_num_threads())
+            line += (
+                f"   peak mem {mem_ker / 2**20:7.1f} / {mem_ref / 2**20:7.1f} MiB = "
+                f"{mem_ker / max(mem_ref, 1):4.2f}x"
+            )
+        print(line, flush=True)
+    if "uniform" in kernel_times and "hot" in kernel_times:
+        (uf, ufb), (hf, hfb) = kernel_times["uniform"], kernel_times["hot"]
+        print(f"{name:26s} kernel uniform / hot: fwd {uf / hf:4.2f}   fwd+bwd {ufb / hfb:4.2f}")
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    args = parser.parse_args()
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--samplings", nargs="+", default=list(SAMPLINGS), choices=SAMPLINGS)
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="git revision whose CPU kernel to time against the current one (raw ops)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (--baseline)")
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
-    cases = [
-        ("decoder Q=300 DETR levels", DETR_LEVELS, 300),
-        ("encoder DETR levels", DETR_LEVELS, None),
-        ("encoder 64^2..8^2", SQUARE_LEVELS, None),
-    ]
     threads = args.threads if device == "cpu" else [torch.get_num_threads()]
     print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, B=2, H=8, D=32, P=4")
+    if args.baseline:
+        import _msda_kernels
+
+        _msda_kernels.compare(args, threads)
+        return
     print("columns: reference / kernel (ratio = reference time / kernel time)")
     for n in threads:
         torch.set_num_threads(n)
         print(f"-- {n} thread(s)" if device == "cpu" else "-- cuda")
-        for name, levels, q in cases:
-            run_case(name, (levels, q), device, dtype, args.reps)
+        for key in args.cases:
+            name, levels, q = CASES[key]
+            run_case(name, (levels, q), device, dtype, args.reps, args.samplings, args.memory)
 
 
 if __name__ == "__main__":
