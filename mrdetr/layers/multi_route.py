@@ -15,7 +15,7 @@ lives under ``aux.<route name>.`` (``self_attn``, ``norm1``, ``cross_attn``, ``f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import routes as routes_lib
 from ..routes import Route
+from .aux_modules import AuxiliaryModules
 from .ffn import FFN
 from .instructive_attention import (
     InstructiveSelfAttention,
@@ -31,35 +32,11 @@ from .instructive_attention import (
 )
 from .moe import MoEFFN
 from .ms_deform_attn import MultiScaleDeformableAttention, check_levels
+from .route_plan import Group, RoutePlan
 
 __all__ = ["MultiRouteDecoderLayer"]
 
 _MR_DETR = routes_lib.mr_detr()  # a tuple of frozen dataclasses: a safe default argument
-
-
-class _AuxiliaryModules(nn.Module):
-    """The modules one auxiliary route owns (attributes absent when shared)."""
-
-    def __init__(self, route: Route, cfg: dict) -> None:
-        super().__init__()
-        c, h, drop = cfg["embed_dim"], cfg["num_heads"], cfg["dropout"]
-        if route.num_instruction_tokens > 0:
-            self.self_attn = InstructiveSelfAttention(
-                c, h, route.num_instruction_tokens, drop, own_projections=route.own_self_attn
-            )
-            self.norm1 = nn.LayerNorm(c)
-        elif route.own_self_attn:
-            self.self_attn = MultiHeadSelfAttention(c, h, drop)
-        if route.own_cross_attn:
-            self.cross_attn = MultiScaleDeformableAttention(
-                c, h, cfg["num_levels"], cfg["num_points"], backend=cfg["backend"]
-            )
-        if route.own_ffn and route.ffn_experts:
-            self.ffn = MoEFFN(
-                c, cfg["ffn_dim"], route.ffn_experts, route.ffn_top_k, drop, cfg["activation"]
-            )
-        elif route.own_ffn:
-            self.ffn = FFN(c, cfg["ffn_dim"], drop, cfg["activation"])
 
 
 def _reset_children(module: nn.Module) -> None:
@@ -71,17 +48,16 @@ def _reset_children(module: nn.Module) -> None:
             _reset_children(child)
 
 
-def _groups(routes: Sequence[Route], owns: Callable[[Route], bool]) -> list[list[int]]:
-    """Route indices that share the primary's module (first list) and each owner alone."""
-    shared = [i for i, r in enumerate(routes) if not owns(r)]
-    return [shared] + [[i] for i, r in enumerate(routes) if owns(r)]
+def _take(x: Tensor, group: Group) -> Tensor:
+    """``x[group.routes]`` along the route axis, a view when the routes are contiguous."""
+    idx = group.routes
+    return x[idx[0] : idx[0] + len(idx)] if group.is_contiguous else x[list(idx)]
 
 
-def _take(x: Tensor, idx: list[int]) -> Tensor:
-    """``x[idx]`` along the route axis, a view when ``idx`` is a contiguous run."""
-    if idx == list(range(idx[0], idx[0] + len(idx))):
-        return x[idx[0] : idx[0] + len(idx)]
-    return x[idx]
+def _place(outs: list, group: Group, y: Tensor) -> None:
+    """Store ``y [R', ...]`` (the group's outputs, in group order) at the group's routes."""
+    for j, i in enumerate(group.routes):
+        outs[i] = y[j]
 
 
 class MultiRouteDecoderLayer(nn.Module):
@@ -117,8 +93,8 @@ class MultiRouteDecoderLayer(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.routes = routes_lib.validate_routes(_MR_DETR if routes is None else routes)
-        cfg = dict(
+        self.plan = RoutePlan(_MR_DETR if routes is None else routes)
+        self._cfg = cfg = dict(
             embed_dim=embed_dim,
             num_heads=num_heads,
             ffn_dim=ffn_dim,
@@ -138,8 +114,13 @@ class MultiRouteDecoderLayer(nn.Module):
         self.ffn = FFN(embed_dim, ffn_dim, dropout, activation)
         self.norm3 = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
-        self.aux = nn.ModuleDict({r.name: _AuxiliaryModules(r, cfg) for r in self.routes[1:]})
+        self.aux = nn.ModuleDict({r.name: AuxiliaryModules(r, cfg) for r in self.routes[1:]})
         self.eval_routes: tuple[str, ...] = ()
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The route set, primary first (``self.plan.routes``)."""
+        return self.plan.routes
 
     @property
     def num_routes(self) -> int:
@@ -157,8 +138,30 @@ class MultiRouteDecoderLayer(nn.Module):
         ``MultiRouteDecoderLayer`` built with ``routes=routes.baseline()``.
         """
         self.aux = nn.ModuleDict()
-        self.routes = self.routes[:1]
+        self.plan = RoutePlan(self.routes[:1])
         self.eval_routes = ()
+        return self
+
+    def add_routes(self, routes: Sequence[Route]) -> MultiRouteDecoderLayer:
+        """Switch to the route set ``routes`` (same primary route), in place; returns ``self``.
+
+        Auxiliary modules are created for the routes not present yet: owned FFN, self- and
+        cross-attention copies are initialised from the primary route's weights, an instruction
+        route's own norm from the primary's ``norm1``, instruction tokens ~ N(0, 1). Modules of
+        routes that are no longer in the set are dropped.
+        """
+        plan = RoutePlan(routes)
+        if plan.routes[0] != self.routes[0]:
+            raise ValueError(
+                f"routes[0] must be this layer's primary route {self.routes[0]}, "
+                f"got {plan.routes[0]}"
+            )
+        aux = nn.ModuleDict()
+        for r in plan.routes[1:]:
+            keep = r.name in self.aux and r in self.plan.routes
+            aux[r.name] = self.aux[r.name] if keep else AuxiliaryModules.from_primary(r, self)
+        self.aux, self.plan = aux, plan
+        self.eval_routes = tuple(n for n in self.eval_routes if n in aux)
         return self
 
     def moe_losses(self) -> dict[str, Tensor]:
@@ -257,13 +260,10 @@ class MultiRouteDecoderLayer(nn.Module):
     def _self_attention(self, query, query_pos, routes, mask, num_denoising) -> Tensor:
         """Self-attention + residual + LayerNorm per group of routes; [R, B, Q, C]."""
         outs: list[Tensor | None] = [None] * len(routes)
-        owns = lambda r: r.own_self_attn or r.num_instruction_tokens > 0  # noqa: E731
-        for idx in _groups(routes, owns):
-            if not idx:
-                continue
-            q = _take(query, idx)
-            pos = None if query_pos is None else _take(query_pos, idx)
-            if len(idx) > 1 or not owns(routes[idx[0]]):
+        for g in self.plan.groups("self_attn", len(routes)):
+            q = _take(query, g)
+            pos = None if query_pos is None else _take(query_pos, g)
+            if g.owner is None:
                 fold = "r b q c -> (r b) q c"
                 y = self.self_attn.attend(
                     rearrange(q, fold),
@@ -273,7 +273,7 @@ class MultiRouteDecoderLayer(nn.Module):
                 )[0]
                 y = self.norm1(q + self.dropout(y.view(q.shape)))  # [R', B, Q, C]
             else:
-                aux = self.aux[routes[idx[0]].name]
+                aux = self.aux[g.owner]
                 p0 = None if pos is None else pos[0]
                 if isinstance(aux.self_attn, InstructiveSelfAttention):
                     y = aux.self_attn(
@@ -283,41 +283,30 @@ class MultiRouteDecoderLayer(nn.Module):
                         num_denoising=num_denoising,
                         projections=aux.self_attn.attn or self.self_attn,
                     )
-                    y = aux.norm1(q[0] + self.dropout(y))[None]
                 else:
                     y = aux.self_attn.attend(q[0], p0, attn_mask=mask)[0]
-                    y = self.norm1(q[0] + self.dropout(y))[None]
-            for j, i in enumerate(idx):
-                outs[i] = y[j]
+                norm = aux.norm1 if self.plan.owns(routes[g.routes[0]], "self_attn_norm") else None
+                y = (norm or self.norm1)(q[0] + self.dropout(y))[None]
+            _place(outs, g, y)
         return outs[0][None] if len(outs) == 1 else torch.stack(outs)
 
     def _cross_attention(self, qp, ref, routes, value, shapes, start, kpm) -> Tensor:
         """Deformable cross-attention, one packed call for the routes sharing it; [R, B, Q, C]."""
         outs: list[Tensor | None] = [None] * len(routes)
-        for idx in _groups(routes, lambda r: r.own_cross_attn):
-            if not idx:
-                continue
-            owner = len(idx) == 1 and routes[idx[0]].own_cross_attn
-            attn = self.aux[routes[idx[0]].name].cross_attn if owner else self.cross_attn
-            q = rearrange(_take(qp, idx), "r b q c -> b (r q) c")
-            r = rearrange(_take(ref, idx), "r b q ... -> b (r q) ...")
+        for g in self.plan.groups("cross_attn", len(routes)):
+            attn = self.cross_attn if g.owner is None else self.aux[g.owner].cross_attn
+            q = rearrange(_take(qp, g), "r b q c -> b (r q) c")
+            r = rearrange(_take(ref, g), "r b q ... -> b (r q) ...")
             y = attn(q, r, value, shapes, start, kpm)  # [B, R'*Q, C]
-            y = rearrange(y, "b (r q) c -> r b q c", r=len(idx))
-            for j, i in enumerate(idx):
-                outs[i] = y[j]
+            _place(outs, g, rearrange(y, "b (r q) c -> r b q c", r=len(g.routes)))
         return outs[0][None] if len(outs) == 1 else torch.stack(outs)
 
     def _ffn(self, x: Tensor, routes: Sequence[Route]) -> Tensor:
         """FFN of every route (shared one over the routes without their own); [R, B, Q, C]."""
         outs: list[Tensor | None] = [None] * len(routes)
-        for idx in _groups(routes, lambda r: r.own_ffn):
-            if not idx:
-                continue
-            owner = len(idx) == 1 and routes[idx[0]].own_ffn
-            ffn = self.aux[routes[idx[0]].name].ffn if owner else self.ffn
-            y = ffn(_take(x, idx))
-            for j, i in enumerate(idx):
-                outs[i] = y[j]
+        for g in self.plan.groups("ffn", len(routes)):
+            ffn = self.ffn if g.owner is None else self.aux[g.owner].ffn
+            _place(outs, g, ffn(_take(x, g)))
         return outs[0][None] if len(outs) == 1 else torch.stack(outs)
 
     def _check(self, query, query_pos, ref, value) -> None:
