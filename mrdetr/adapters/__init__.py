@@ -1,5 +1,49 @@
-"""Adapters: mrdetr's kernels and training routes on decoders from other codebases."""
+"""Mr. DETR's training routes (``wrap`` / ``unwrap``) and mrdetr's kernels on decoders from other
+codebases.
+
+See ``docs/integrations.md``. Supported families are :class:`Integration` instances in a
+registry (:func:`register_integration`): torch ``nn.TransformerDecoder`` and mrdetr's
+``MultiRouteDecoder`` built in; any other decoder through an explicit :class:`DecoderSpec`.
+"""
 
 from .fast_attention import restore_deformable_attention, use_fast_deformable_attention
+from .integration import (
+    Integration,
+    QueryTilingIntegration,
+    RouteOutputs,
+    register_integration,
+    registered_integrations,
+)
+from .mrdetr_decoder import MultiRouteDecoderIntegration
+from .packing import MHACall, RouteLayout
+from .predictions import route_predictions
+from .route_modules import LayerModules, RouteModules
+from .spec import DecoderSpec, SpecIntegration
+from .torch_decoder import TorchDecoderIntegration
+from .wrap import is_wrapped, route_outputs, unwrap, wrap
 
-__all__ = ["restore_deformable_attention", "use_fast_deformable_attention"]
+register_integration(TorchDecoderIntegration())
+register_integration(MultiRouteDecoderIntegration())
+
+__all__ = [
+    "DecoderSpec",
+    "Integration",
+    "LayerModules",
+    "MHACall",
+    "MultiRouteDecoderIntegration",
+    "QueryTilingIntegration",
+    "RouteLayout",
+    "RouteModules",
+    "RouteOutputs",
+    "SpecIntegration",
+    "TorchDecoderIntegration",
+    "is_wrapped",
+    "register_integration",
+    "registered_integrations",
+    "restore_deformable_attention",
+    "route_outputs",
+    "route_predictions",
+    "unwrap",
+    "use_fast_deformable_attention",
+    "wrap",
+]

@@ -33,10 +33,14 @@ class MultiRouteDecoderOutput(NamedTuple):
             ``sigmoid(box_head[i](hidden_states[i]) + inverse_sigmoid(reference_points[i]))``.
             Detached, except with ``look_forward_twice``, where entry ``i > 0`` is layer
             ``i - 1``'s undetached refined box (DINO).
+        boxes (Tensor[N, R, B, Q, 4] or None): with ``box_heads``, each of those layers'
+            predicted boxes, exactly the formula above (so with ``look_forward_twice`` their
+            gradient reaches the previous layer's box head); None without ``box_heads``.
     """
 
     hidden_states: Tensor
     reference_points: Tensor
+    boxes: Tensor | None = None
 
 
 class MultiRouteDecoder(nn.Module):
@@ -174,7 +178,7 @@ class MultiRouteDecoder(nn.Module):
             query, reference_points = query[:n_eval], reference_points[:n_eval]
             query_pos = None if query_pos is None else query_pos[:n_eval]
         x, ref, ref_pred = query, reference_points, reference_points
-        hidden, refs = [], []
+        hidden, refs, boxes = [], [], []
         for i, layer in enumerate(self.layers):
             ref_in = ref[:, :, :, None]  # [R, B, Q, 1, D]
             if valid_ratios is not None:
@@ -194,16 +198,22 @@ class MultiRouteDecoder(nn.Module):
                 self_attn_mask=self_attn_mask,
                 num_denoising=num_denoising,
             )
-            if self.return_intermediate or i == len(self.layers) - 1:
+            keep = self.return_intermediate or i == len(self.layers) - 1
+            if keep:
                 hidden.append(x)
                 refs.append(ref_pred)
             if box_heads is not None:
-                new_ref = (box_heads[i](x) + inverse_sigmoid(ref)).sigmoid()
+                delta = box_heads[i](x)
+                new_ref = (delta + inverse_sigmoid(ref)).sigmoid()
+                if keep:  # the loss's box: through the undetached previous box under LFT
+                    lft = self.look_forward_twice and ref_pred is not ref
+                    boxes.append((delta + inverse_sigmoid(ref_pred)).sigmoid() if lft else new_ref)
                 ref = new_ref.detach()  # the next layer always receives a detached box
                 ref_pred = new_ref if self.look_forward_twice else ref
             else:
                 ref_pred = ref
-        return MultiRouteDecoderOutput(torch.stack(hidden), torch.stack(refs))
+        stacked = torch.stack(boxes) if boxes else None
+        return MultiRouteDecoderOutput(torch.stack(hidden), torch.stack(refs), stacked)
 
     def _check(self, query, ref, valid_ratios, box_heads) -> None:
         if query.dim() != 4:

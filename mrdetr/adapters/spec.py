@@ -1,0 +1,153 @@
+"""``DecoderSpec``: point the adapter at the sub-modules of a decoder it does not recognise.
+
+A spec names, relative to the decoder, where its layers are, and in each layer the
+self-attention (called like ``nn.MultiheadAttention``), the norm after it, the FFN (one module or
+its linears) and the FFN's norm; and which ``forward`` arguments carry queries. For example the
+original DETR decoder (sequence-first, ``forward(tgt, memory, ..., pos, query_pos)``, returning
+every layer stacked ``[N, Q, B, C]``)::
+
+    spec = DecoderSpec(
+        decoder="transformer.decoder", layers="layers", self_attn="self_attn",
+        self_attn_norm="norm1", ffn=("linear1", "linear2"), ffn_norm="norm3",
+        query_inputs={"tgt": 0, "query_pos": 0}, batch_first=False, output_query_dim=1,
+    )
+    wrap(model, spec=spec)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from .integration import QueryTilingIntegration
+from .packing import MHACall, RouteLayout, split, tile
+from .route_modules import LayerModules
+
+__all__ = ["DecoderSpec", "SpecIntegration", "resolve"]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Where the route mechanism finds a decoder's sub-modules (dotted attribute paths).
+
+    Attributes:
+        layers: path from the decoder to its layers (an iterable of modules), e.g. ``"layers"``.
+        self_attn, self_attn_norm, ffn, ffn_norm: paths inside each layer: the self-attention
+            (``nn.MultiheadAttention`` call convention), the norm after it (before it when
+            pre-norm), the FFN (a module path or a tuple of its linears' paths), its norm.
+        decoder: path from the model given to :func:`~mrdetr.adapters.wrap` to the decoder
+            (``""``: the model is the decoder).
+        query_inputs: ``forward`` argument name -> its query axis, for every argument holding
+            one entry per query (queries, query positions, query masks); tiled per route.
+        batch_first: the layers' hidden states are ``[B, Q, C]`` (else ``[Q, B, C]``).
+        output_query_dim: query axis of the tensors the decoder returns (None: like the layers').
+    """
+
+    layers: str
+    self_attn: str
+    self_attn_norm: str
+    ffn: str | tuple[str, ...]
+    ffn_norm: str
+    decoder: str = ""
+    query_inputs: Mapping[str, int] = field(default_factory=lambda: {"tgt": 1})
+    batch_first: bool = True
+    output_query_dim: int | None = None
+
+
+def resolve(root: nn.Module, path: str, what: str) -> nn.Module:
+    """``root.<path>`` (dotted; ``""`` is ``root``), or ``ValueError`` naming what is there."""
+    obj = root
+    for part in filter(None, path.split(".")):
+        if not hasattr(obj, part):
+            names = [n for n, _ in obj.named_children()] if isinstance(obj, nn.Module) else []
+            raise ValueError(
+                f"spec.{what}: {type(obj).__name__} has no attribute {part!r} (path {path!r}); "
+                f"its sub-modules are {names}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _map_tensors(x, fn):
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
+
+
+class SpecIntegration(QueryTilingIntegration):
+    """:class:`~mrdetr.adapters.integration.QueryTilingIntegration` driven by a
+    :class:`DecoderSpec` (no denoising queries; tensors returned as a tensor or tuple/list)."""
+
+    name = "explicit spec"
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        if not isinstance(spec, DecoderSpec):
+            raise TypeError(f"spec must be a DecoderSpec, got {type(spec).__name__}")
+        self.spec = spec
+
+    def spec_for(self, decoder: nn.Module) -> DecoderSpec:
+        """The spec of ``decoder`` (subclasses may derive it from the decoder)."""
+        return self.spec
+
+    def find_decoder(self, model: nn.Module) -> nn.Module:
+        return resolve(model, self.spec.decoder, "decoder")
+
+    def layer_modules(self, decoder: nn.Module) -> list[LayerModules]:
+        s = self.spec_for(decoder)
+        layers = list(resolve(decoder, s.layers, "layers"))
+        if not layers:
+            raise ValueError(f"spec.layers: {s.layers!r} holds no layers")
+        ffn = (s.ffn,) if isinstance(s.ffn, str) else tuple(s.ffn)
+        return [
+            LayerModules(
+                layer,
+                resolve(layer, s.self_attn, "self_attn"),
+                resolve(layer, s.self_attn_norm, "self_attn_norm"),
+                tuple(resolve(layer, p, "ffn") for p in ffn),
+                resolve(layer, s.ffn_norm, "ffn_norm"),
+            )
+            for layer in layers
+        ]
+
+    def attention_call(self, host: LayerModules) -> MHACall:
+        return MHACall(self.spec.batch_first)
+
+    def query_dim(self, decoder: nn.Module) -> int:
+        return 1 if self.spec_for(decoder).batch_first else 0
+
+    def _bind(self, decoder, args, kwargs) -> inspect.BoundArguments:
+        forward = type(decoder).forward
+        return inspect.signature(forward).bind(decoder, *args, **kwargs)
+
+    def tile_inputs(self, decoder, args, kwargs, num_routes):
+        bound = self._bind(decoder, args, kwargs)
+        dims = self.spec_for(decoder).query_inputs
+        first = next(iter(dims))
+        if bound.arguments.get(first) is None:
+            raise ValueError(f"spec.query_inputs: forward argument {first!r} was not given")
+        q = bound.arguments[first].shape[dims[first]]
+        layout = RouteLayout(num_routes, q, 0, self.query_dim(decoder))
+        for name, dim in dims.items():
+            if bound.arguments.get(name) is not None:
+                bound.arguments[name] = tile(bound.arguments[name], layout, dim)
+        return bound.args[1:], bound.kwargs, layout
+
+    def split_outputs(self, decoder, output, layout: RouteLayout, hidden):
+        dim = self.spec_for(decoder).output_query_dim
+        dim = layout.query_dim if dim is None else dim
+        fits = lambda t: t.dim() > dim and t.shape[dim] == layout.length  # noqa: E731
+        primary = _map_tensors(output, lambda t: split(t, layout, dim)[0] if fits(t) else t)
+        aux = {
+            r.name: _map_tensors(output, lambda t, i=i: split(t, layout, dim)[i] if fits(t) else t)
+            for i, r in enumerate(self._routes(decoder)[1:], start=1)
+        }
+        return primary, aux
+
+    @staticmethod
+    def _routes(decoder):
+        return decoder.mrdetr_routes.routes
