@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layers.decoder import inverse_sigmoid
 from ..routes import Route
@@ -16,7 +16,9 @@ Head = Callable[[Tensor], Tensor]
 
 
 def _per_layer(heads: Head | Sequence[Head], n: int, name: str) -> list[Head]:
-    if callable(heads) and not isinstance(heads, Sequence):
+    if not isinstance(heads, (Sequence, nn.ModuleList)):
+        if not callable(heads):
+            raise TypeError(f"{name} must be a callable head or a sequence of them")
         return [heads] * n
     heads = list(heads)
     if len(heads) < n:
@@ -58,7 +60,8 @@ def route_predictions(
     routes = tuple(routes if routes is not None else outputs.routes)
     if hidden.dim() != 5 or hidden.shape[1] != len(routes):
         raise ValueError(
-            f"outputs.hidden_states must be [N, R={len(routes)}, B, Q, C], got {tuple(hidden.shape)}"
+            f"outputs.hidden_states must be [N, R={len(routes)}, B, Q, C], "
+            f"got {tuple(hidden.shape)}"
         )
     n = hidden.shape[0]
     boxes = getattr(outputs, "boxes", None)

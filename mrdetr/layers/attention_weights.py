@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .instructive_attention import _blocked_float
+from .instructive_attention import _blocked_float, check_attn_mask
 
 __all__ = ["AttentionWeights", "attention_weights", "instructive_attention"]
 
@@ -159,11 +159,13 @@ def instructive_attention(
         tv = F.linear(tokens_v, w.v_weight, w.v_bias).expand(b, n, c)  # [B, n, C]
         kp, vp = torch.cat([tk, kp], 1), torch.cat([tv, vp], 1)  # [B, n+Q, C]
     mask = None
+    check_attn_mask(attn_mask, q, q_input)
     if attn_mask is not None:
-        if tuple(attn_mask.shape) != (q, q):
-            raise ValueError(f"attn_mask must be [Q, Q]=({q}, {q}), got {tuple(attn_mask.shape)}")
         mask = F.pad(_blocked_float(attn_mask, qp.dtype), (n, 0))  # [Q, n+Q]
     if key_padding_mask is not None:
+        kd = key_padding_mask.dtype
+        if kd != torch.bool and not key_padding_mask.is_floating_point():
+            raise TypeError(f"key_padding_mask must be bool or floating, got {kd}")
         if tuple(key_padding_mask.shape) != (b, q):
             raise ValueError(
                 f"key_padding_mask must be [B, Q]=({b}, {q}), got {tuple(key_padding_mask.shape)}"
