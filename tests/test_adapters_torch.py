@@ -208,5 +208,7 @@ def test_unknown_decoder_error_names_what_it_looked_for_and_the_spec():
         adapters.wrap(adapters.wrap(make_decoder()))
     with pytest.raises(ValueError, match="cross-attention"):
         adapters.wrap(make_decoder(), routes.paper_ablation(4))
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        adapters.wrap(make_decoder(), routes.mr_detr_moe())
     with pytest.raises(ValueError, match="no training pass"):
         adapters.route_outputs(adapters.wrap(make_decoder()))

@@ -68,12 +68,18 @@ class Integration:
 
     def check_routes(self, decoder: nn.Module, plan: RoutePlan) -> None:
         """Raise ``ValueError`` for routes this family cannot run (default: own cross-attention,
-        which would need a second memory projection)."""
+        which would need a second memory projection, and mixture-of-experts FFNs)."""
         owners = plan.owners("cross_attn")
         if owners:
             raise ValueError(
                 f"routes: {self.name} runs one shared cross-attention over every route; routes "
                 f"owning their cross-attention are not supported, got {[r.name for r in owners]}"
+            )
+        moe = [r.name for r in plan.routes if r.ffn_experts]
+        if moe:
+            raise ValueError(
+                f"routes: {self.name} copies the host's FFN for an owning route; a "
+                f"mixture-of-experts FFN (ffn_experts) is not supported here, got {moe}"
             )
 
     def attach(self, decoder: nn.Module, plan: RoutePlan) -> RouteModules:
