@@ -13,6 +13,8 @@ textbook values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,7 @@ __all__ = [
     "elementwise_box_iou",
     "elementwise_generalized_box_iou",
     "generalized_box_iou",
+    "iou_terms",
 ]
 
 
@@ -54,54 +57,63 @@ def _coords(boxes: Tensor, dim: int) -> list[Tensor]:
     return [c.unsqueeze(dim).contiguous() for c in boxes.unbind(-1)]
 
 
-def _pairwise(boxes1: Tensor, boxes2: Tensor, eps: float, giou: bool):
-    """``(iou or giou, union)``, both ``[..., N, M]``.
+def iou_terms(
+    a: Sequence[Tensor],
+    b: Sequence[Tensor],
+    eps: float,
+    giou: bool,
+    buffers: Sequence[Tensor] | None = None,
+    raw_union: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """IoU or GIoU of xyxy boxes given by coordinates; the one place box overlap is computed.
 
-    Uses ``max(x, y) = x + y - min(x, y)``: the enclosing width is ``w1 + w2 - iw`` with ``iw``
-    the unclamped intersection width, which saves four broadcast ops. Intermediate results are
-    updated in place unless autograd needs them.
+    Args:
+        a, b: ``(x1, y1, x2, y2)`` of the two box sets, four tensors each, all broadcastable to
+            one shape ``S`` (elementwise: ``[...]`` each; pairwise: ``[..., N, 1]`` against
+            ``[..., 1, M]``).
+        eps: lower clamp of the union and of the enclosing area.
+        giou: return the generalized IoU instead of the IoU.
+        buffers: optional ``Tensor[S]`` scratch buffers, 3 (IoU) or 4 (GIoU); the result is
+            written into ``buffers[0]``. Only without autograd (the matchers' cost blocks).
+        raw_union: return the union before the ``eps`` clamp (costs one more ``Tensor[S]``).
+
+    Returns:
+        ``(iou or giou, union)``, both ``Tensor[S]``. Rule (decided here for every caller): the
+        union is clamped at ``eps`` wherever it is used, so the values are the textbook ones when
+        union and enclosing area exceed ``eps``, and two empty boxes have IoU 0 and GIoU 0. The
+        enclosing width is ``w_a + w_b - iw`` (``max(x, y) = x + y - min(x, y)``), which saves
+        four ops; intermediates are updated in place unless autograd needs them.
     """
-    ax1, ay1, ax2, ay2 = _coords(boxes1, -1)
-    bx1, by1, bx2, by2 = _coords(boxes2, -2)
-    grad = torch.is_grad_enabled() and (boxes1.requires_grad or boxes2.requires_grad)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*a, *b))
+    if grad and buffers is not None:
+        raise ValueError("iou_terms: buffers cannot be used with tensors that require grad")
     add, sub, mul, div, clamp = (
         (torch.add, torch.sub, torch.mul, torch.div, torch.clamp)
         if grad
         else (Tensor.add_, Tensor.sub_, Tensor.mul_, Tensor.div_, Tensor.clamp_)
     )
-    iw = sub(torch.minimum(ax2, bx2), torch.maximum(ax1, bx1))  # may be negative
-    ih = sub(torch.minimum(ay2, by2), torch.maximum(ay1, by1))
+    out, t0, t1, t2 = (*buffers, None)[:4] if buffers is not None else (None,) * 4
+    ax1, ay1, ax2, ay2 = a
+    bx1, by1, bx2, by2 = b
+    iw = sub(torch.minimum(ax2, bx2, out=out), torch.maximum(ax1, bx1, out=t1))  # may be < 0
+    ih = sub(torch.minimum(ay2, by2, out=t0), torch.maximum(ay1, by1, out=t1))
     aw, ah, bw, bh = ax2 - ax1, ay2 - ay1, bx2 - bx1, by2 - by1
-    inter = iw.clamp(min=0) * ih.clamp(min=0)
-    union = sub(aw.clamp(min=0) * ah.clamp(min=0) + bw.clamp(min=0) * bh.clamp(min=0), inter)
-    iou = div(inter, union.clamp(min=eps))
-    if not giou:
-        return iou, union
-    ew = clamp(sub(aw + bw, iw), min=0)  # max(ax2, bx2) - min(ax1, bx1)
-    eh = clamp(sub(ah + bh, ih), min=0)
-    enclosing = clamp(mul(ew, eh), min=eps)
-    # iou - (enclosing - union) / enclosing == iou - 1 + union / enclosing
-    return sub(add(iou, torch.div(union, enclosing)), 1.0), union
-
-
-def _parts(a: Tensor, b: Tensor):
-    ax1, ay1, ax2, ay2 = a.unbind(-1)
-    bx1, by1, bx2, by2 = b.unbind(-1)
-    iw = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
-    ih = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
-    inter = iw * ih
-    area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
-    area_b = (bx2 - bx1).clamp(min=0) * (by2 - by1).clamp(min=0)
-    union = area_a + area_b - inter
-    return inter, union, (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2)
-
-
-def _giou(inter: Tensor, union: Tensor, ca, cb, eps: float) -> Tensor:
-    iou = inter / union.clamp(min=eps)
-    ew = torch.maximum(ca[2], cb[2]) - torch.minimum(ca[0], cb[0])
-    eh = torch.maximum(ca[3], cb[3]) - torch.minimum(ca[1], cb[1])
-    enclosing = (ew.clamp(min=0) * eh.clamp(min=0)).clamp(min=eps)
-    return iou - (enclosing - union) / enclosing
+    enclosing = None
+    if giou:
+        ew = clamp(sub(torch.add(aw, bw, out=t1), iw), min=0)  # max(ax2, bx2) - min(ax1, bx1)
+        eh = clamp(sub(torch.add(ah, bh, out=t2), ih), min=0)
+        enclosing = clamp(mul(ew, eh), min=eps)
+    inter = mul(clamp(iw, min=0), clamp(ih, min=0))
+    area_a = aw.clamp(min=0) * ah.clamp(min=0)
+    area_b = bw.clamp(min=0) * bh.clamp(min=0)
+    union = sub(torch.add(area_a, area_b, out=t0), inter)
+    raw = union.clone() if raw_union and not grad else union
+    union = torch.clamp(union, min=eps) if grad else union.clamp_(min=eps)
+    iou = div(inter, union)
+    if giou:  # iou - (enclosing - union) / enclosing == iou - 1 + union / enclosing
+        ratio = torch.div(union, enclosing, out=None if grad else enclosing)
+        iou = sub(add(iou, ratio), 1.0)
+    return iou, raw if raw_union else union
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
@@ -115,7 +127,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> tuple[Tensor, T
     Returns:
         ``(iou, union)``, both ``Tensor[..., N, M]``.
     """
-    return _pairwise(boxes1, boxes2, eps, giou=False)
+    return iou_terms(_coords(boxes1, -1), _coords(boxes2, -2), eps, False, raw_union=True)
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> Tensor:
@@ -129,18 +141,16 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> Ten
     Returns:
         Tensor[..., N, M] with values in ``[-1, 1]``.
     """
-    return _pairwise(boxes1, boxes2, eps, giou=True)[0]
+    return iou_terms(_coords(boxes1, -1), _coords(boxes2, -2), eps, True)[0]
 
 
 def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> Tensor:
     """IoU of matching pairs: ``boxes1 (Tensor[..., 4])``, ``boxes2 (Tensor[..., 4])`` xyxy,
     broadcast together -> ``Tensor[...]``."""
-    inter, union, _, _ = _parts(boxes1, boxes2)
-    return inter / union.clamp(min=eps)
+    return iou_terms(boxes1.unbind(-1), boxes2.unbind(-1), eps, False)[0]
 
 
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> Tensor:
     """Generalized IoU of matching pairs: ``boxes1 (Tensor[..., 4])``, ``boxes2 (Tensor[..., 4])``
     xyxy, broadcast together -> ``Tensor[...]`` in ``[-1, 1]``."""
-    inter, union, ca, cb = _parts(boxes1, boxes2)
-    return _giou(inter, union, ca, cb, eps)
+    return iou_terms(boxes1.unbind(-1), boxes2.unbind(-1), eps, True)[0]

@@ -113,3 +113,48 @@ def test_random_against_oracle_many():
         assert math.isclose(
             elementwise_generalized_box_iou(ta, tb).item(), og, rel_tol=1e-9, abs_tol=1e-12
         )
+
+
+def _all_giou(a, b):
+    """GIoU of xyxy a [N, 4] vs b [M, 4] by every entry point: pairwise (no grad / grad),
+    elementwise over the broadcast pairs, and the matchers' buffered cost block."""
+    from mrdetr.matching.costs import iou_block
+
+    n, m = a.shape[0], b.shape[0]
+    pair = generalized_box_iou(a, b)
+    grad = generalized_box_iou(a.clone().requires_grad_(True), b).detach()
+    elem = elementwise_generalized_box_iou(a[:, None].expand(n, m, 4), b[None].expand(n, m, 4))
+    bufs = [torch.empty(1, n, m, dtype=a.dtype) for _ in range(4)]
+    block = iou_block(a[None], b[None], bufs[0], bufs[1:], giou=True)[0]
+    return pair, grad, elem, block
+
+
+def test_one_giou_rule_for_every_entry_point_degenerate_boxes():
+    """Two empty boxes have GIoU 0 (the module's rule: the union is clamped at eps wherever it
+    is used); the differentiable functions used to give -1 where the matcher cost gave 0."""
+    point = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    far_point = torch.tensor([[0.9, 0.1, 0.9, 0.1]])
+    inverted = torch.tensor([[0.6, 0.6, 0.4, 0.4]])
+    normal = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    a = torch.cat([point, inverted, normal, far_point])
+    for v in _all_giou(a, a):
+        torch.testing.assert_close(v, _all_giou(a, a)[0], rtol=0, atol=1e-6)
+    pair = generalized_box_iou(a, a)
+    assert pair[0, 0].item() == 0.0 and pair[1, 1].item() == 0.0 and pair[0, 1].item() == 0.0
+    # two distinct points: enclosing box 0.4 x 0.4, union ~ 0 -> the textbook limit -1
+    assert pair[0, 3].item() == pytest.approx(-1.0, abs=1e-5)
+    assert pair[2, 2].item() == pytest.approx(1.0)
+    # a point inside the unit box: iou 0, enclosing = union = 1 -> giou 0
+    assert pair[0, 2].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_every_entry_point_agrees_on_random_boxes():
+    gen = torch.Generator().manual_seed(3)
+    a, b = random_xyxy(7, gen), random_xyxy(5, gen)
+    pair, grad, elem, block = _all_giou(a, b)
+    for v in (grad, elem, block):
+        torch.testing.assert_close(v, pair, rtol=1e-12, atol=1e-12)
+    for i in range(7):
+        for j in range(5):
+            assert math.isclose(pair[i, j].item(), oracle_iou_giou(a[i].tolist(), b[j].tolist())[1],
+                                rel_tol=1e-9, abs_tol=1e-12)  # fmt: skip

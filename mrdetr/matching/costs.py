@@ -6,8 +6,8 @@ blocks). The gt-major layout keeps the long query axis innermost, which broadcas
 reductions over queries and scipy's rectangular solver are all fastest with. Every function
 writes its result into ``out`` and uses the given scratch buffers (see
 :class:`~mrdetr.matching.workspace.Workspace`), so a matcher call allocates no block-sized
-memory. These are no-grad kernels for the matchers; :mod:`mrdetr.boxes` has the differentiable
-box functions (the tests check both against the same oracles).
+memory. These are no-grad kernels for the matchers; box overlap is
+:func:`mrdetr.boxes.iou_terms`, the same code as the differentiable box functions.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..boxes import EPS, box_cxcywh_to_xyxy
+from ..boxes import EPS, _coords, box_cxcywh_to_xyxy, iou_terms
 
 __all__ = [
     "add_box_l1_cost",
@@ -25,10 +25,6 @@ __all__ = [
     "iou_block",
     "xyxy",
 ]
-
-
-def _coords(boxes: Tensor, dim: int) -> list[Tensor]:
-    return [c.unsqueeze(dim).contiguous() for c in boxes.unbind(-1)]
 
 
 def gather_logits(pred_logits: Tensor, labels: Tensor, out: Tensor) -> Tensor:
@@ -43,29 +39,10 @@ def iou_block(gt: Tensor, pred: Tensor, out: Tensor, scratch: list[Tensor], giou
     """``out (Tensor[B, N, Q]) <-`` IoU (or GIoU) of xyxy ``gt (Tensor[B, N, 4])`` and ``pred
     (Tensor[B, Q, 4])``; ``scratch`` holds 2 (IoU) or 3 (GIoU) ``[B, N, Q]`` buffers.
 
-    Same values as :func:`mrdetr.boxes.box_iou` / :func:`~mrdetr.boxes.generalized_box_iou`
-    (unions and enclosing areas clamped at ``EPS``); the enclosing width is computed as
-    ``w1 + w2 - iw`` (``max(x, y) = x + y - min(x, y)``), saving four broadcast ops.
+    :func:`mrdetr.boxes.iou_terms` (the one implementation behind
+    :func:`~mrdetr.boxes.box_iou` and :func:`~mrdetr.boxes.generalized_box_iou`) with buffers.
     """
-    ax1, ay1, ax2, ay2 = _coords(gt, -1)  # [B, N, 1]
-    bx1, by1, bx2, by2 = _coords(pred, -2)  # [B, 1, Q]
-    iw, ih, t = out, scratch[0], scratch[1]
-    torch.minimum(ax2, bx2, out=iw).sub_(torch.maximum(ax1, bx1, out=t))  # may be < 0
-    torch.minimum(ay2, by2, out=ih).sub_(torch.maximum(ay1, by1, out=t))
-    aw, ah, bw, bh = ax2 - ax1, ay2 - ay1, bx2 - bx1, by2 - by1
-    if giou:
-        eh = scratch[2]
-        torch.add(aw, bw, out=t).sub_(iw).clamp_(min=0)  # max(ax2, bx2) - min(ax1, bx1)
-        torch.add(ah, bh, out=eh).sub_(ih).clamp_(min=0)
-        t.mul_(eh).clamp_(min=EPS)  # enclosing area
-    inter = iw.clamp_(min=0).mul_(ih.clamp_(min=0))
-    area_a = aw.clamp(min=0) * ah.clamp(min=0)
-    area_b = bw.clamp(min=0) * bh.clamp(min=0)
-    union = torch.add(area_a, area_b, out=ih).sub_(inter).clamp_(min=EPS)
-    iou = inter.div_(union)
-    if giou:  # iou - (enclosing - union) / enclosing
-        iou.add_(union.div_(t)).sub_(1.0)
-    return iou
+    return iou_terms(_coords(gt, -1), _coords(pred, -2), EPS, giou, [out, *scratch])[0]
 
 
 def add_focal_class_cost(
@@ -87,12 +64,20 @@ def add_focal_class_cost(
 
 
 def add_softmax_class_cost(
-    cost: Tensor, pred_logits: Tensor, labels: Tensor, scratch: Tensor, weight: float
+    cost: Tensor,
+    pred_logits: Tensor,
+    labels: Tensor,
+    scratch: Tensor,
+    weight: float,
+    lse: Tensor | None = None,
 ) -> Tensor:
     """``cost (Tensor[B, N, Q]) += weight * (-softmax(pred_logits)[label])`` (DETR), for
     ``pred_logits (Tensor[B, Q, K])`` and ``labels (Tensor[B, N])``; ``scratch``: one ``[B, Q,
-    N]`` buffer. Uses ``softmax(x)[l] = exp(x[l] - logsumexp(x))``: no ``[B, Q, K]`` temporary."""
-    lse = pred_logits.logsumexp(-1, keepdim=True)  # [B, Q, 1]
+    N]`` buffer; ``lse (Tensor[B, Q, 1])``: ``pred_logits.logsumexp(-1, keepdim=True)`` when
+    already computed. Uses ``softmax(x)[l] = exp(x[l] - logsumexp(x))``: no ``[B, Q, K]``
+    temporary."""
+    if lse is None:
+        lse = pred_logits.logsumexp(-1, keepdim=True)  # [B, Q, 1]
     prob = gather_logits(pred_logits, labels, scratch).sub_(lse).exp_()
     return cost.add_(prob.transpose(1, 2), alpha=-weight)
 
