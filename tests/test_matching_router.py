@@ -56,3 +56,10 @@ def test_errors():
     router = RouteMatcher({"a": HungarianMatcher()})
     with pytest.raises(ValueError, match="no matcher for route 'zz'"):
         router("zz", {}, [])
+
+
+def test_supervisions_defined_once():
+    import mrdetr.matching.router as router_module
+    from mrdetr import routes
+
+    assert router_module.SUPERVISIONS is routes.SUPERVISIONS

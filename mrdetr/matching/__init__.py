@@ -6,7 +6,9 @@ Tensor[B, Q, K], "pred_boxes": Tensor[B, Q, 4]}`` and ``targets`` a list of ``B`
 returns one ``(pred_idx, gt_idx)`` pair of int64 tensors per image on the predictions' device.
 """
 
-from .hungarian import HungarianMatcher, MatchIndices
+from .base import Matcher
+from .hungarian import HungarianMatcher
+from .indices import MatchIndices
 from .one_to_many import OneToManyMatcher
 from .repeated_gt import RepeatedGTMatcher
 from .router import RouteMatcher
@@ -14,6 +16,7 @@ from .router import RouteMatcher
 __all__ = [
     "HungarianMatcher",
     "MatchIndices",
+    "Matcher",
     "OneToManyMatcher",
     "RepeatedGTMatcher",
     "RouteMatcher",

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from torch import Tensor
 
-import numpy as np
-import torch
-from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
-
+from .base import Matcher, working_dtype
 from .costs import (
     add_box_l1_cost,
     add_focal_class_cost,
@@ -18,26 +14,16 @@ from .costs import (
     xyxy,
 )
 from .indices import MatchIndices, empty_indices
-from .inputs import PackedTargets, check_predictions, pack_targets
-from .workspace import Workspace
+from .inputs import PackedTargets
+from .solve import locate_non_finite, solve_blocks
+from .workspace import MAX_BYTES, fill_blocks
 
-__all__ = ["HungarianMatcher", "MatchIndices", "empty_indices", "locate_non_finite"]
-
-
-def locate_non_finite(logits: Tensor, boxes: Tensor, images: Sequence[int], who: str) -> None:
-    """Raise a ``ValueError`` naming the first image of ``images`` whose ``pred_logits``
-    (Tensor[B, Q, K]) or ``pred_boxes`` (Tensor[B, Q, 4]) hold NaN/inf; return if none does."""
-    for b in images:
-        for name, t in (("pred_logits", logits), ("pred_boxes", boxes)):
-            if not bool(torch.isfinite(t[b]).all()):
-                q = int((~torch.isfinite(t[b])).any(-1).nonzero()[0, 0])
-                raise ValueError(
-                    f"{who}: image {b}: outputs[{name!r}] must be finite, received "
-                    f"{t[b, q].tolist()[:8]} at query {q}"
-                )
+# MatchIndices, empty_indices, locate_non_finite and solve_blocks live in .indices / .solve;
+# they stay importable from here for existing imports.
+__all__ = ["HungarianMatcher", "MatchIndices", "empty_indices", "locate_non_finite", "solve_blocks"]
 
 
-class HungarianMatcher(nn.Module):
+class HungarianMatcher(Matcher):
     """Optimal one-to-one assignment of predictions to gts (DETR), per image with scipy.
 
     ``C = cost_class * C_class + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)``, with
@@ -50,14 +36,13 @@ class HungarianMatcher(nn.Module):
         cost_class, cost_bbox, cost_giou: weights of the three costs (not all zero).
         class_cost: ``"focal"`` or ``"softmax"``.
         focal_alpha, focal_gamma: parameters of the focal cost.
+        workspace_bytes: bound of the scratch memory kept between calls (see :class:`Matcher`).
 
     Call ``matcher(outputs, targets)`` with ``outputs = {"pred_logits": Tensor[B, Q, K],
     "pred_boxes": Tensor[B, Q, 4]}`` and ``targets`` a list of ``B`` dicts ``{"labels":
     Tensor[N_b] int64, "boxes": Tensor[N_b, 4]}``. Returns a list of ``B`` pairs ``(pred_idx,
     gt_idx)`` of int64 ``Tensor[min(Q, N_b)]`` on the predictions' device, sorted by ``pred_idx``.
     """
-
-    supervision = "o2o"
 
     def __init__(
         self,
@@ -67,8 +52,10 @@ class HungarianMatcher(nn.Module):
         class_cost: str = "focal",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        *,
+        workspace_bytes: int = MAX_BYTES,
     ) -> None:
-        super().__init__()
+        super().__init__(workspace_bytes=workspace_bytes)
         if class_cost not in ("focal", "softmax"):
             raise ValueError(f"class_cost must be 'focal' or 'softmax', received {class_cost!r}")
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
@@ -76,7 +63,6 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.class_cost = class_cost
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self._workspace = Workspace()
 
     def extra_repr(self) -> str:
         return (
@@ -93,68 +79,44 @@ class HungarianMatcher(nn.Module):
         return self._cost(pred_logits, pred_boxes, labels, boxes).clone()
 
     def _cost(self, pred_logits, pred_boxes, labels, boxes) -> Tensor:
+        """The cost block, gt-chunk by gt-chunk (a workspace view when it fits in one chunk)."""
         b, q, _ = pred_logits.shape
         n = labels.shape[1]
-        dtype = torch.float64 if pred_boxes.dtype == torch.float64 else torch.float32
+        dtype = working_dtype(pred_boxes)
         pred_logits, pred_boxes, boxes = (x.to(dtype) for x in (pred_logits, pred_boxes, boxes))
-        bufs = self._workspace.buffers(5, (b, n, q), dtype, pred_boxes.device)
-        cost, scratch = bufs[0].zero_(), bufs[1:]
-        qn = [x.view(b, q, n) for x in scratch]  # the same buffers, query-major
-        if self.class_cost == "focal":
-            gathered = gather_logits(pred_logits, labels, qn[0])
-            add_focal_class_cost(
-                cost, gathered, qn[1:3], self.cost_class, self.focal_alpha, self.focal_gamma
-            )
-        else:
-            add_softmax_class_cost(cost, pred_logits, labels, qn[0], self.cost_class)
-        if self.cost_bbox:
-            add_box_l1_cost(cost, boxes, pred_boxes, scratch[0], self.cost_bbox)
-        if self.cost_giou:
-            giou = iou_block(xyxy(boxes), xyxy(pred_boxes), scratch[0], scratch[1:], giou=True)
-            cost.add_(giou, alpha=-self.cost_giou)
-        return cost
+        pred_xyxy = xyxy(pred_boxes)
+        lse = pred_logits.logsumexp(-1, keepdim=True) if self.class_cost == "softmax" else None
 
-    @torch.no_grad()
-    def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping]) -> MatchIndices:
-        """Match; see the class docstring for shapes."""
-        who = type(self).__name__
-        logits, pboxes = check_predictions(outputs, who)
-        b, q, k = logits.shape
-        packed = pack_targets(targets, b, k, pboxes, who)
-        return self.match_packed(logits, pboxes, packed)
+        def fill(bufs: list[Tensor], rows: slice) -> None:
+            cost, scratch = bufs[0].zero_(), bufs[1:]
+            lab, gt = labels[:, rows], boxes[:, rows]
+            qn = [x.view(b, q, lab.shape[1]) for x in scratch]  # the same buffers, query-major
+            if self.class_cost == "focal":
+                gathered = gather_logits(pred_logits, lab, qn[0])
+                add_focal_class_cost(
+                    cost, gathered, qn[1:3], self.cost_class, self.focal_alpha, self.focal_gamma
+                )
+            else:
+                add_softmax_class_cost(cost, pred_logits, lab, qn[0], self.cost_class, lse)
+            if self.cost_bbox:
+                add_box_l1_cost(cost, gt, pred_boxes, scratch[0], self.cost_bbox)
+            if self.cost_giou:
+                giou = iou_block(xyxy(gt), pred_xyxy, scratch[0], scratch[1:], giou=True)
+                cost.add_(giou, alpha=-self.cost_giou)
 
-    def match_packed(self, logits: Tensor, pboxes: Tensor, packed: PackedTargets) -> MatchIndices:
+        return fill_blocks(self._workspace, 5, (b, n, q), dtype, pred_boxes.device, fill)
+
+    def match_packed(
+        self, logits: Tensor, pboxes: Tensor, packed: PackedTargets, repeat: int = 1
+    ) -> MatchIndices:
         """Match validated predictions ``logits (Tensor[B, Q, K])``, ``pboxes (Tensor[B, Q,
-        4])`` with validated ``packed`` targets (see :func:`pack_targets`)."""
-        who = type(self).__name__
+        4])`` with validated ``packed`` targets (see :func:`pack_targets`), each image's gts
+        repeated ``repeat`` times (see :func:`solve_blocks`)."""
         b, q, _ = logits.shape
-        device = logits.device
         if packed.max_size == 0 or q == 0:
-            return [empty_indices(device) for _ in range(b)]
+            return [empty_indices(logits.device) for _ in range(b)]
         labels, boxes, _ = packed.padded()
         cost = self._cost(logits.detach(), pboxes.detach(), labels, boxes)
         cost = cost.float().cpu().numpy()  # [B, N, Q]: gt-major, scipy's fast layout
-        return solve_blocks(cost, packed.sizes, device, logits, pboxes, who)
-
-
-def solve_blocks(
-    cost: np.ndarray, sizes: Sequence[int], device, logits: Tensor, boxes: Tensor, who: str
-) -> MatchIndices:
-    """Solve each image's block ``cost[b, :N_b, :]`` of ``cost (ndarray[B, N, Q])``; return the
-    pairs sorted by prediction, as int64 tensors on ``device``. Non-finite blocks raise."""
-    if not np.isfinite(cost).all():
-        bad = [i for i, n in enumerate(sizes) if not np.isfinite(cost[i, :n]).all()]
-        locate_non_finite(logits, boxes, bad, who)
-        if bad:
-            raise ValueError(f"{who}: image {bad[0]}: the matching cost overflows (inf/NaN)")
-    out = []
-    for i, n in enumerate(sizes):
-        if n == 0:
-            out.append(empty_indices(device))
-            continue
-        gt, pred = linear_sum_assignment(cost[i, :n])
-        order = np.argsort(pred)
-        pair = torch.from_numpy(np.stack((pred[order], gt[order])).astype(np.int64))
-        pair = pair.to(device, non_blocking=True)
-        out.append((pair[0], pair[1]))
-    return out
+        who = type(self).__name__
+        return solve_blocks(cost, packed.sizes, logits.device, logits, pboxes, who, repeat)

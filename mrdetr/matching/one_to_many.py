@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .base import Matcher, working_dtype
 from .costs import gather_logits, iou_block, xyxy
-from .hungarian import MatchIndices, empty_indices, locate_non_finite
-from .inputs import check_predictions, pack_targets
-from .workspace import Workspace
+from .indices import MatchIndices
+from .inputs import PackedTargets
+from .solve import locate_non_finite
+from .workspace import MAX_BYTES, fill_blocks
 
 __all__ = ["OneToManyMatcher"]
 
 
-class OneToManyMatcher(nn.Module):
+class OneToManyMatcher(Matcher):
     """Assign each gt up to ``k`` predictions by matching quality, for the whole batch at once.
 
     The rules (per image; ``quality`` is computed from detached predictions):
@@ -40,8 +40,6 @@ class OneToManyMatcher(nn.Module):
     ``Tensor[M_b]`` on the predictions' device, ordered by gt, then by decreasing quality.
     """
 
-    supervision = "o2m"
-
     def __init__(
         self,
         k: int = 6,
@@ -49,14 +47,15 @@ class OneToManyMatcher(nn.Module):
         iou_weight: float = 0.7,
         class_weight: float = 0.3,
         low_quality_matches: bool = True,
+        *,
+        workspace_bytes: int = MAX_BYTES,
     ) -> None:
-        super().__init__()
-        if not isinstance(k, int) or k < 1:
+        super().__init__(workspace_bytes=workspace_bytes)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"OneToManyMatcher: k must be an int >= 1, received {k!r}")
         self.k, self.iou_threshold = k, iou_threshold
         self.iou_weight, self.class_weight = iou_weight, class_weight
         self.low_quality_matches = low_quality_matches
-        self._workspace = Workspace()
 
     def extra_repr(self) -> str:
         return (
@@ -73,28 +72,30 @@ class OneToManyMatcher(nn.Module):
         return self._quality(pred_logits, pred_boxes, labels, boxes).clone()
 
     def _quality(self, pred_logits, pred_boxes, labels, boxes) -> Tensor:
+        """Rule 1 gt-chunk by gt-chunk (a workspace view when it fits in one chunk)."""
         b, q, _ = pred_logits.shape
         n = labels.shape[1]
-        dtype = torch.float64 if pred_boxes.dtype == torch.float64 else torch.float32
+        dtype = working_dtype(pred_boxes)
         pred_logits, pred_boxes, boxes = (x.to(dtype) for x in (pred_logits, pred_boxes, boxes))
-        quality, s0, s1 = self._workspace.buffers(3, (b, n, q), dtype, pred_boxes.device)
-        iou_block(xyxy(boxes), xyxy(pred_boxes), quality, [s0, s1], giou=False)
-        prob = gather_logits(pred_logits, labels, s0.view(b, q, n)).sigmoid_()
-        return quality.mul_(self.iou_weight).add_(prob.transpose(1, 2), alpha=self.class_weight)
+        pred_xyxy = xyxy(pred_boxes)
 
-    @torch.no_grad()
-    def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping]) -> MatchIndices:
-        """Match; see the class docstring for shapes."""
+        def fill(bufs: list[Tensor], rows: slice) -> None:
+            quality, s0, s1 = bufs
+            iou_block(xyxy(boxes[:, rows]), pred_xyxy, quality, [s0, s1], giou=False)
+            lab = labels[:, rows]
+            prob = gather_logits(pred_logits, lab, s0.view(b, q, lab.shape[1])).sigmoid_()
+            quality.mul_(self.iou_weight).add_(prob.transpose(1, 2), alpha=self.class_weight)
+
+        return fill_blocks(self._workspace, 3, (b, n, q), dtype, pred_boxes.device, fill)
+
+    def match_packed(self, logits: Tensor, pboxes: Tensor, packed: PackedTargets) -> MatchIndices:
+        """Rules 2-5 on validated predictions and packed targets (see :class:`Matcher`)."""
         who = type(self).__name__
-        logits, pboxes = check_predictions(outputs, who)
-        b, q, k = logits.shape
-        packed = pack_targets(targets, b, k, pboxes, who)
+        b, q, _ = logits.shape
         device = logits.device
-        if packed.max_size == 0 or q == 0:
-            return [empty_indices(device) for _ in range(b)]
         labels, boxes, mask = packed.padded()
         n = labels.shape[1]
-        quality = self._quality(logits.detach(), pboxes.detach(), labels, boxes)  # [B, N, Q]
+        quality = self._quality(logits, pboxes, labels, boxes)  # [B, N, Q]
         # NaN anywhere in a real gt's row makes its sum NaN (quality is in [0, 1] or NaN)
         non_finite = (~torch.isfinite(quality.sum(2)) & mask).any(1)  # [B]
         if min(packed.sizes) < n:

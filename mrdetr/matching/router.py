@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from .hungarian import HungarianMatcher, MatchIndices
+from ..routes import SUPERVISIONS
+from .hungarian import HungarianMatcher
+from .indices import MatchIndices
 from .one_to_many import OneToManyMatcher
 
 __all__ = ["RouteMatcher"]
-
-SUPERVISIONS = ("o2o", "o2m", "both")
 
 
 class RouteMatcher:
