@@ -5,21 +5,33 @@ Baselines, written here from the published descriptions:
 - DETR's matcher called once per image: the same costs on ``[Q, N_b]``, image by image.
 - a straightforward per-image implementation of the five one-to-many rules (loop over gts).
 
+- H-DETR's repeated-gt matching done plainly: the gts repeated ``k`` times, DETR per image.
+
 Run: ``python benchmarks/matchers.py [--batch 16 --queries 900 --gts 30 --classes 91 --reps 30]``.
-Prints medians (ms) over ``--reps`` repetitions after warm-up, and speed-up ratios.
+Prints medians (ms) over ``--reps`` repetitions after warm-up, speed-up ratios, and the scratch
+memory each matcher keeps between calls.
+
+``--contended``: start a process that keeps one core busy (a Python busy loop, like another
+user's job on a shared machine), repeat the timings ``--runs`` times and print the ratios of every
+run, with ``HungarianMatcher`` also timed with torch's intra-op threads (the matchers' one-thread
+rule switched off, i.e. the behaviour before it) for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mrdetr.matching import HungarianMatcher, OneToManyMatcher
+from mrdetr.matching import HungarianMatcher, OneToManyMatcher, RepeatedGTMatcher
+from mrdetr.matching import base as matching_base
 
 # ----------------------------------------------------------------------------- baselines
 
@@ -95,6 +107,14 @@ def detr_per_image(outputs, targets):
         i, j = linear_sum_assignment(c.cpu())
         out.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
     return out
+
+
+@torch.no_grad()
+def repeated_per_image(outputs, targets, k=6):
+    """H-DETR: each image's gts repeated k times, then DETR's matcher image by image."""
+    rep = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+    out = detr_per_image(outputs, rep)
+    return [(p, g % max(len(t["labels"]), 1)) for (p, g), t in zip(out, targets, strict=True)]
 
 
 @torch.no_grad()
@@ -178,6 +198,45 @@ def _same_pairs(a, b):
     )
 
 
+@contextlib.contextmanager
+def intra_op_threads():
+    """Switch the matchers' one-thread rule off (the behaviour before it), for comparison."""
+    saved = matching_base.single_thread
+    matching_base.single_thread = lambda device: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        matching_base.single_thread = saved
+
+
+def time_rows(outputs, targets, matchers, reps, with_threads_row=False):
+    hung, o2m, rep = matchers
+    rows = {
+        "HungarianMatcher": median_ms(lambda: hung(outputs, targets), reps),
+        "DETR batched": median_ms(lambda: detr_batched(outputs, targets), reps),
+        "DETR per image": median_ms(lambda: detr_per_image(outputs, targets), reps),
+        "OneToManyMatcher": median_ms(lambda: o2m(outputs, targets), reps),
+        "o2m per image": median_ms(lambda: o2m_per_image(outputs, targets), reps),
+        "RepeatedGTMatcher": median_ms(lambda: rep(outputs, targets), reps),
+        "repeated per image": median_ms(lambda: repeated_per_image(outputs, targets), reps),
+    }
+    if with_threads_row:
+        with intra_op_threads():
+            rows["Hungarian, threads"] = median_ms(lambda: hung(outputs, targets), reps)
+    return rows
+
+
+def print_ratios(rows):
+    h, o, r = rows["HungarianMatcher"], rows["OneToManyMatcher"], rows["RepeatedGTMatcher"]
+    print(f"Hungarian vs DETR batched:   {rows['DETR batched'] / h:5.2f}x faster (target >= 5)")
+    print(f"Hungarian vs DETR per image: {rows['DETR per image'] / h:5.2f}x faster (target >= 1.2)")
+    print(f"OneToMany vs per image:      {rows['o2m per image'] / o:5.2f}x faster (target >= 3)")
+    print(f"RepeatedGT vs per image:     {rows['repeated per image'] / r:5.2f}x faster")
+    if "Hungarian, threads" in rows:
+        t = rows["DETR per image"] / rows["Hungarian, threads"]
+        print(f"Hungarian with intra-op threads vs DETR per image: {t:5.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -186,38 +245,65 @@ def main():
     ap.add_argument("--classes", type=int, default=91)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--contended", action="store_true", help="time beside a busy-loop process")
+    ap.add_argument("--runs", type=int, default=10, help="repetitions with --contended")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     outputs, targets = make_inputs(args.batch, args.queries, args.gts, args.classes)
-    hung, o2m = HungarianMatcher(), OneToManyMatcher()
+    matchers = HungarianMatcher(), OneToManyMatcher(), RepeatedGTMatcher(k=6)
+    hung, o2m, rep = matchers
 
     # sanity: same assignments as the baselines (ties aside, random inputs have none)
     ok_h = _same_pairs(hung(outputs, targets), detr_batched(outputs, targets))
     ok_o = _same_pairs(o2m(outputs, targets), o2m_per_image(outputs, targets))
+    ok_r = _same_pairs(rep(outputs, targets), repeated_per_image(outputs, targets))
     print(
         f"B={args.batch} Q={args.queries} gts={args.gts} K={args.classes} "
         f"threads={torch.get_num_threads()} reps={args.reps} torch={torch.__version__}"
     )
-    print(f"same pairs as baselines: hungarian={ok_h} one_to_many={ok_o}")
+    print(f"same pairs as baselines: hungarian={ok_h} one_to_many={ok_o} repeated_gt={ok_r}")
+    kept = {type(m).__name__: m._workspace.nbytes() / 2**20 for m in matchers}
+    print("scratch kept between calls (MiB): " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()))
+
+    if args.contended:
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            print(f"busy-loop process {busy.pid} running; {args.runs} runs")
+            summary = []
+            for run in range(args.runs):
+                rows = time_rows(outputs, targets, matchers, args.reps, with_threads_row=True)
+                per_image = rows["DETR per image"]
+                ratio = per_image / rows["HungarianMatcher"]
+                threaded = per_image / rows["Hungarian, threads"]
+                o2m_ratio = rows["o2m per image"] / rows["OneToManyMatcher"]
+                summary.append((ratio, threaded, o2m_ratio))
+                print(
+                    f"run {run}: Hungarian {rows['HungarianMatcher']:.2f} ms, with threads "
+                    f"{rows['Hungarian, threads']:.2f} ms, DETR per image {per_image:.2f} ms -> "
+                    f"{ratio:.2f}x (threads: {threaded:.2f}x); one-to-many {o2m_ratio:.2f}x"
+                )
+        finally:
+            busy.kill()
+            busy.wait()
+        names = ("Hungarian", "Hungarian with threads", "one-to-many")
+        for name, col in zip(names, zip(*summary, strict=True), strict=True):
+            print(
+                f"{name} vs per image over {args.runs} runs: min {min(col):.2f}x, median "
+                f"{statistics.median(col):.2f}x, max {max(col):.2f}x, runs below 1x: "
+                f"{sum(c < 1 for c in col)}"
+            )
+        return
 
     busy0, own0, wall0 = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
-    rows = {
-        "HungarianMatcher": median_ms(lambda: hung(outputs, targets), args.reps),
-        "DETR batched": median_ms(lambda: detr_batched(outputs, targets), args.reps),
-        "DETR per image": median_ms(lambda: detr_per_image(outputs, targets), args.reps),
-        "OneToManyMatcher": median_ms(lambda: o2m(outputs, targets), args.reps),
-        "o2m per image": median_ms(lambda: o2m_per_image(outputs, targets), args.reps),
-    }
+    rows = time_rows(outputs, targets, matchers, args.reps)
     busy1, own1, wall1 = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
     if busy0 is not None:
         other = (busy1 - busy0 - (own1 - own0)) / (wall1 - wall0)
         print(f"other processes used {other:.2f} of {os.cpu_count()} cores during the timings")
     for name, ms in rows.items():
         print(f"{name:>18}: {ms:8.2f} ms")
-    h, o = rows["HungarianMatcher"], rows["OneToManyMatcher"]
-    print(f"Hungarian vs DETR batched:   {rows['DETR batched'] / h:5.2f}x faster (target >= 5)")
-    print(f"Hungarian vs DETR per image: {rows['DETR per image'] / h:5.2f}x faster (target >= 1.2)")
-    print(f"OneToMany vs per image:      {rows['o2m per image'] / o:5.2f}x faster (target >= 3)")
+    print_ratios(rows)
 
 
 if __name__ == "__main__":
