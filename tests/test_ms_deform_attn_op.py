@@ -148,3 +148,97 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
         results.append(value.grad.clone())
     torch.set_num_threads(2)
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _non_finite_case(dtype):
+    """Inputs with one non-finite entry per query row (batch 1, one head, two levels)."""
+    value, ss, lsi, loc, attn = make_inputs(
+        batch=1, queries=9, heads=1, dim=3, levels=((4, 5), (2, 3)), points=2, spread=0.0
+    )
+    loc, attn, value = loc.clone(), attn.clone(), value.clone()
+    value[0, 20, 0, 1] = NAN  # pixel (0, 0) of level 1, channel 1
+    loc[0, :8, 0, 1, :, 0].clamp_(min=0.8)  # rows 0-7 never read that pixel, row 8 does:
+    loc[0, 8, 0, 1, 0] = torch.tensor([0.5 / 3, 0.5 / 2], dtype=loc.dtype)  # its centre
+    loc[0, 0, 0, 0, 0, 0] = NAN  # NaN location, x only
+    loc[0, 1, 0, 1, 1] = NAN  # NaN location, both coordinates
+    loc[0, 2, 0, 0, 0, 0] = INF
+    loc[0, 3, 0, 1, 0, 1] = -INF
+    loc[0, 4, 0, 0, 1, 0] = 3e38  # 2 * 3e38 overflows fp32
+    loc[0, 5, 0, 1, 1] = torch.tensor([-3e38, 1e30], dtype=loc.dtype)
+    attn[0, 6, 0, 0, 0] = NAN  # NaN weight of a point inside the map
+    attn[0, 7, 0, 1, 1] = NAN  # NaN weight of a point outside the map
+    loc[0, 7, 0, 1, 1] = torch.tensor([1.9, -0.7], dtype=loc.dtype)
+    loc[0, 6, 0, 0, 0] = torch.tensor([0.3, 0.4], dtype=loc.dtype)  # inside level 0
+    return [t.to(dtype) for t in (value, loc, attn)], ss, lsi
+
+
+def _run(backend, ss, lsi, value, loc, attn):
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    if backend == "reference":
+        out = ms_deform_attn_reference(leaves[0], ss, lsi, leaves[1], leaves[2])
+    else:
+        out = ms_deform_attn(leaves[0], ss, lsi, leaves[1], leaves[2], backend=backend)
+    out.backward(torch.ones_like(out))
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", ["pytorch", *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_inputs_follow_one_rule(backend, dtype):
+    """NaN (location, weight or value) propagates; a non-NaN point outside the map, +-inf and
+    3e38 included, samples zeros. Oracle: the same call with those points' weights set to zero
+    and their locations made finite, which is what "samples zeros" means."""
+    (value, loc, attn), ss, lsi = _non_finite_case(dtype)
+    device = "cuda" if backend == "cuda" else "cpu"
+    ss, lsi = ss.to(device), lsi.to(device)
+    value, loc, attn = (t.to(device) for t in (value, loc, attn))
+    out, (g_value, g_loc, g_attn) = _run(backend, ss, lsi, value, loc, attn)
+    out, g_value, g_loc, g_attn = (t.cpu() for t in (out, g_value, g_loc, g_attn))
+
+    nan_rows = {0, 1, 6, 7}
+    for q in range(9):
+        if q in nan_rows:
+            assert out[0, q].isnan().all(), q
+        elif q == 8:
+            assert out[0, q].isnan().tolist() == [False, True, False]
+        else:
+            assert out[0, q].isfinite().all(), q
+    # the oracle for the infinite / huge rows: weight 0 at a finite location
+    o_loc, o_attn = loc.clone(), attn.clone()
+    for q, lvl, p in ((2, 0, 0), (3, 1, 0), (4, 0, 1), (5, 1, 1)):
+        o_loc[0, q, 0, lvl, p] = 0.5
+        o_attn[0, q, 0, lvl, p] = 0.0
+    expected = ms_deform_attn_reference(value.double(), ss, lsi, o_loc.double(), o_attn.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out[0, 2:6].double(), expected[0, 2:6].cpu(), rtol=tol, atol=tol)
+    # gradients: NaN for the NaN points, zero location gradient outside the map
+    assert g_attn[0, 0, 0, 0, 0].isnan() and g_attn[0, 1, 0, 1, 1].isnan()
+    assert g_loc[0, 0, 0, 0, 0].isnan().any() and g_loc[0, 1, 0, 1, 1].isnan().any()
+    assert g_loc[0, 6, 0, 0, 0].isnan().any(), "NaN weight inside the map: NaN location grad"
+    for q, lvl, p in ((2, 0, 0), (3, 1, 0), (4, 0, 1), (5, 1, 1), (7, 1, 1)):
+        assert (g_loc[0, q, 0, lvl, p] == 0).all(), (q, lvl, p)
+    assert g_loc[0, 2:6].isfinite().all() and g_attn[0, 2:6].isfinite().all()
+    assert g_attn[0, 8, 0, 1, 0].isnan(), "a NaN pixel read by a point: NaN weight gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_kernels_agree_with_reference(backend, dtype):
+    """Same NaN pattern as the reference in the output and every gradient."""
+    (value, loc, attn), ss, lsi = _non_finite_case(dtype)
+    ref = _run("reference", ss, lsi, value, loc, attn)
+    got = _run(
+        backend, ss.to(backend), lsi.to(backend), *(t.to(backend) for t in (value, loc, attn))
+    )
+    pairs = [(ref[0], got[0]), *zip(ref[1], got[1], strict=True)]
+    for name, (e, a) in zip(("out", "value", "loc", "attn"), pairs, strict=True):
+        a = a.cpu()
+        if name == "loc":  # grid_sample leaves one coordinate's gradient at 0 for a NaN point
+            e, a = e.isnan().any(-1), a.isnan().any(-1)
+            assert torch.equal(e, a), name
+            continue
+        assert torch.equal(e.isnan(), a.isnan()), name
+        torch.testing.assert_close(a.nan_to_num(), e.nan_to_num(), rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define MRDETR_HD __host__ __device__ __forceinline__
@@ -33,21 +34,44 @@ namespace mrdetr {
 MRDETR_HD float floor_(float x) { return floorf(x); }
 MRDETR_HD double floor_(double x) { return ::floor(x); }
 
+// Non-finite input (one rule for every backend, the PyTorch reference included):
+// - a NaN location or a NaN attention weight makes that point's sample NaN, so the output row
+//   [b, q, h, :] is NaN and so are the point's location and weight gradients (the point adds
+//   nothing to the value gradient when its location is NaN);
+// - a location outside the map that is not NaN (+-inf and huge finite values included) samples
+//   zeros with zero location gradient. Coordinates are compared in floating point before any
+//   conversion to an integer, so no value of loc is undefined behaviour;
+// - a NaN in value reaches every output that reads that pixel (IEEE arithmetic).
+// Kernels get this by building points with bilinear() and summing them with point_forward /
+// point_backward / sample_channel; a kernel with loops of its own checks nan_point() per point.
+template <typename acc_t>
+MRDETR_HD acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+template <typename acc_t>
+MRDETR_HD bool is_nan(acc_t x) {
+  return x != x;
+}
+
 // The four bilinear corners of one sampling point on one level (zero padding).
 template <typename acc_t>
 struct Bilinear {
   int64_t offset[4];  // pixel index y * width + x of corners (y0,x0) (y0,x1) (y1,x0) (y1,x1); -1 = outside
   acc_t weight[4];    // bilinear weight of each corner
   acc_t lx, ly;       // fractional position inside the cell, for gradients
+  bool nan;           // the location is NaN: the sample is NaN (every offset is -1)
 };
 
 // Pixel coordinates follow grid_sample(align_corners=False): x = loc_x * width - 0.5.
-// Points with x <= -1, x >= width (same for y) or NaN touch no pixel: every offset is -1.
+// Points with x <= -1, x >= width (same for y, +-inf included) touch no pixel: every offset is
+// -1. A NaN location touches no pixel either and sets `nan`.
 template <typename acc_t>
 MRDETR_HD Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width) {
   Bilinear<acc_t> b;
   const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
   const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
+  b.nan = is_nan(loc_x) || is_nan(loc_y);
   if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(width) &&
         y < static_cast<acc_t>(height))) {
     for (int c = 0; c < 4; ++c) {
@@ -74,10 +98,18 @@ MRDETR_HD Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, int64_t height, int
   return b;
 }
 
+// A point whose weighted sample is NaN whatever the map holds: NaN location or NaN weight
+// (a NaN weight times an outside point's zero sample is NaN too).
+template <typename acc_t>
+MRDETR_HD bool nan_point(const Bilinear<acc_t>& b, acc_t attn) {
+  return b.nan || is_nan(attn);
+}
+
 // One channel of one sample: sum over in-bounds corners of weight * value.
 template <typename scalar_t, typename acc_t>
 MRDETR_HD acc_t sample_channel(const scalar_t* v, int64_t pixel_stride, const Bilinear<acc_t>& b,
                                int64_t d) {
+  if (b.nan) return quiet_nan<acc_t>();
   acc_t s = acc_t(0);
   for (int c = 0; c < 4; ++c) {
     if (b.offset[c] >= 0) s += b.weight[c] * static_cast<acc_t>(v[b.offset[c] * pixel_stride + d]);
@@ -86,9 +118,14 @@ MRDETR_HD acc_t sample_channel(const scalar_t* v, int64_t pixel_stride, const Bi
 }
 
 // out[0:D] += attn * sample(0:D), corner by corner so the channel loop is a contiguous axpy.
+// A NaN location or weight adds NaN even when the point is outside the map (NaN * 0).
 template <typename scalar_t, typename acc_t>
 MRDETR_HD void point_forward(const scalar_t* v, int64_t pixel_stride, const Bilinear<acc_t>& b,
                              acc_t attn, int64_t channels, acc_t* out) {
+  if (nan_point(b, attn)) {
+    for (int64_t d = 0; d < channels; ++d) out[d] = quiet_nan<acc_t>();
+    return;
+  }
   for (int c = 0; c < 4; ++c) {
     if (b.offset[c] < 0) continue;
     const scalar_t* vc = v + b.offset[c] * pixel_stride;
@@ -104,11 +141,21 @@ MRDETR_HD void point_forward(const scalar_t* v, int64_t pixel_stride, const Bili
 //   grad_attn = sum_c weight_c * <g, v_c>
 //   grad_loc  = attn * d(sum_c weight_c <g, v_c>)/d(loc), with dx/dloc_x = width, dy/dloc_y = height
 // The per-corner dot products <g, v_c> carry everything the location and weight gradients need.
+// A NaN location gives NaN location and weight gradients and no value gradient; a NaN weight
+// touching the map gives NaN location gradients and NaN value gradients at in-map corners.
 template <typename scalar_t, typename acc_t, typename AddFn>
 MRDETR_HD void point_backward(const scalar_t* v, acc_t* grad_v, int64_t pixel_stride,
                               const Bilinear<acc_t>& b, acc_t attn, const scalar_t* g,
                               int64_t channels, int64_t height, int64_t width, AddFn add,
                               acc_t* grad_loc_x, acc_t* grad_loc_y, acc_t* grad_attn) {
+  if (b.nan) {
+    *grad_loc_x = *grad_loc_y = *grad_attn = quiet_nan<acc_t>();
+    return;
+  }
+  if (b.offset[0] < 0 && b.offset[1] < 0 && b.offset[2] < 0 && b.offset[3] < 0) {
+    *grad_loc_x = *grad_loc_y = *grad_attn = acc_t(0);  // outside: zero, even for a NaN attn
+    return;
+  }
   acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   for (int c = 0; c < 4; ++c) {
     if (b.offset[c] < 0) continue;

@@ -43,7 +43,8 @@ def ms_deform_attn(
         spatial_shapes (Tensor[L, 2], int64): ``(h, w)`` of every level.
         level_start_index (Tensor[L], int64): offset of every level in ``S``.
         sampling_locations (Tensor[B, Q, H, L, P, 2]): normalised ``(x, y)``; ``[0, 1]`` spans
-            the map, points outside sample zeros.
+            the map, points outside (``+-inf`` included) sample zeros, a NaN point makes its
+            output row NaN (see docs/ops.md, "Non-finite input").
         attention_weights (Tensor[B, Q, H, L, P]): weight of every sample.
         backend: ``"auto"`` (compiled kernel for the inputs' device, building it on first use,
             else the reference with one warning saying why), ``"pytorch"`` (the reference),

@@ -36,7 +36,7 @@ def ms_deform_attn_reference(
         level_start_index (Tensor[L], int64): offset of every level in ``S``
             (unused here: levels are split by ``spatial_shapes``; kept for the op's signature).
         sampling_locations (Tensor[B, Q, H, L, P, 2]): ``(x, y)`` in ``[0, 1]``; points outside
-            sample zeros.
+            (``+-inf`` included) sample zeros, a NaN point samples NaN.
         attention_weights (Tensor[B, Q, H, L, P]): weight of every sample.
 
     Returns:
@@ -47,7 +47,15 @@ def ms_deform_attn_reference(
     _, q, _, num_levels, num_points, _ = sampling_locations.shape
     shapes = [(int(hh), int(ww)) for hh, ww in spatial_shapes.tolist()]
     value_levels = value.split([hh * ww for hh, ww in shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    # A point is outside level l when its pixel coordinate x = loc_x * w - 0.5 is <= -1 or >= w,
+    # i.e. loc_x <= -0.5 / w or loc_x >= 1 + 0.5 / w (same for y with h). Clamping every location
+    # into that band keeps +-inf and huge values (2 * 3e38 overflows fp32) from reaching
+    # grid_sample, which turns them into NaN, and gives every outside point a zero location
+    # gradient, as the kernels do. NaN passes through unchanged so that it propagates.
+    margin = 0.5 / spatial_shapes.flip(-1).to(sampling_locations)[:, None]  # [L, 1, 2]: (x, y)
+    clamped = sampling_locations.clamp(-margin, 1 + margin)
+    locs = torch.where(sampling_locations.isnan(), sampling_locations, clamped)
+    grids = 2 * locs - 1  # grid_sample wants [-1, 1]
     samples = []
     for lvl, (hh, ww) in enumerate(shapes):
         v = rearrange(value_levels[lvl], "b (y x) h d -> (b h) d y x", y=hh, x=ww)

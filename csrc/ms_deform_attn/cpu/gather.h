@@ -74,6 +74,10 @@ inline int64_t gather_corners(const scalar_t* loc, const scalar_t* attn, int64_t
                                        static_cast<acc_t>(loc[2 * i + 1]), lv.height[l],
                                        lv.width[l]);
       const acc_t a = static_cast<acc_t>(attn[i]);
+      if (nan_point(bil, a)) {  // the shared non-finite rule: this (query, head) row is NaN
+        out[n++] = {vl, quiet_nan<acc_t>()};  // pixel 0 of the level: always inside value
+        continue;
+      }
       for (int c = 0; c < 4; ++c) {
         if (bil.offset[c] < 0) continue;
         const scalar_t* row = vl + bil.offset[c] * pixel_stride;
