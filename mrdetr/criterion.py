@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .criterion_keys import KEY_STYLES, detr_key
 from .losses import giou_loss, l1_loss, sigmoid_focal_loss
 from .matching.indices import flatten_indices
 from .matching.inputs import PackedTargets, check_predictions, pack_targets
@@ -86,6 +87,15 @@ class MultiRouteCriterion(nn.Module):
             W])) -> (bce (Tensor[M]), dice (Tensor[M]))``, e.g.
             :class:`mrdetr.segmentation.MaskLoss`; enables ``loss_mask`` / ``loss_dice`` (default
             weights :data:`MASK_WEIGHTS`).
+        key_style: ``"mrdetr"`` (keys ``"{term}/{route}/layer{l}"`` and ``"loss"``, the total)
+            or ``"detr"`` (``loss_ce``, ``loss_bbox_0``, ``loss_giou_aux_ffn``, ...: the keys of
+            DETR / Deformable-DETR engines, with ``weight_dict`` the matching per-key weights;
+            see :mod:`mrdetr.criterion_keys`).
+
+    Weights: ``term_weights`` holds the weight per term. With ``key_style="mrdetr"``,
+    ``weight_dict`` is that same dict; with ``"detr"`` it maps every loss key to its effective
+    weight, filled by each forward, so that a DETR engine's ``sum(loss_dict[k] * weight_dict[k]
+    for k in loss_dict if k in weight_dict)`` equals the weighted total.
 
     ``forward(outputs, targets) -> dict[str, Tensor]``. Every loss is normalised by the number of
     gt boxes of the batch (at least 1), averaged over processes when distributed, so that the
@@ -104,6 +114,7 @@ class MultiRouteCriterion(nn.Module):
         encoder_matcher=None,
         distributed: bool | None = None,
         mask_loss=None,
+        key_style: str = "mrdetr",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -118,7 +129,11 @@ class MultiRouteCriterion(nn.Module):
             **MOE_WEIGHTS,
             **(MASK_WEIGHTS if mask_loss is not None else {}),
         }
-        self.weight_dict = {**defaults, **(weight_dict or {})}
+        if key_style not in KEY_STYLES:
+            raise ValueError(f"key_style must be one of {KEY_STYLES}, received {key_style!r}")
+        self.key_style = key_style
+        self.term_weights = {**defaults, **(weight_dict or {})}
+        self.weight_dict = self.term_weights if key_style == "mrdetr" else {}
         self.route_weights = dict(route_weights or {})
         self.encoder_weight = encoder_weight
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
@@ -136,7 +151,7 @@ class MultiRouteCriterion(nn.Module):
             + tuple(MOE_WEIGHTS)
             + (tuple(MASK_WEIGHTS) if self.mask_loss is not None else ())
         )
-        unknown = set(self.weight_dict) - set(terms)
+        unknown = set(self.term_weights) - set(terms)
         if unknown:
             raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
         unknown = set(self.route_weights) - set(self.matcher)
@@ -146,7 +161,7 @@ class MultiRouteCriterion(nn.Module):
                 f"{list(self.matcher)}"
             )
         named = [("encoder_weight", self.encoder_weight)]
-        named += [(f"weight_dict[{k!r}]", v) for k, v in self.weight_dict.items()]
+        named += [(f"weight_dict[{k!r}]", v) for k, v in self.term_weights.items()]
         named += [(f"route_weights[{k!r}]", v) for k, v in self.route_weights.items()]
         for name, v in named:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
@@ -267,6 +282,7 @@ class MultiRouteCriterion(nn.Module):
         num_boxes = self.num_boxes(packed, like.device)
 
         losses: dict[str, Tensor] = {}
+        self._seen: set[str] = set()
         total = like.new_zeros(())
         for route, sets in routes.items():
             if route not in self.matcher:
@@ -282,13 +298,14 @@ class MultiRouteCriterion(nn.Module):
                     groups = self.matcher.groups(route, out, targets)
                 scale = route_weight * (self.encoder_weight if suffix == "enc" else 1.0)
                 for label, indices in groups.items():
-                    tag = route if label is None else f"{route}:{label}"
                     terms = self.set_losses(out, packed, indices, num_boxes)
                     if self.mask_loss is not None and out.get("pred_masks") is not None:
                         terms.update(self.mask_set_losses(out, targets, indices, num_boxes))
                     for term, value in terms.items():
-                        losses[f"{term}/{tag}/{suffix}"] = value
-                        total = total + self.weight_dict[term] * scale * value
+                        key = self._key(term, route, label, suffix, sets)
+                        losses[key] = value
+                        self._weigh(key, self.term_weights[term] * scale)
+                        total = total + self.term_weights[term] * scale * value
             moe = outputs[route].get("loss_moe")
             if moe is not None:
                 if not isinstance(moe, Tensor) or moe.dim() != 0:
@@ -297,7 +314,31 @@ class MultiRouteCriterion(nn.Module):
                         f"MultiRouteCriterion: outputs[{route!r}]['loss_moe'] must be a 0-dim "
                         f"tensor (MultiRouteDecoder.moe_losses()[route]), received {got}"
                     )
-                losses[f"loss_moe/{route}"] = moe
-                total = total + self.weight_dict["loss_moe"] * route_weight * moe
-        losses["loss"] = total
+                key = self._key("loss_moe", route, None, "", sets)
+                losses[key] = moe
+                self._weigh(key, self.term_weights["loss_moe"] * route_weight)
+                total = total + self.term_weights["loss_moe"] * route_weight * moe
+        if self.key_style == "mrdetr":
+            losses["loss"] = total
         return losses
+
+    def _key(self, term: str, route: str, label, suffix: str, sets) -> str:
+        """The loss key of ``term`` for one prediction set in this criterion's key style."""
+        if self.key_style == "mrdetr":
+            tag = route if label is None else f"{route}:{label}"
+            return f"loss_moe/{route}" if not suffix else f"{term}/{tag}/{suffix}"
+        last = sum(s.startswith("layer") for s, _ in sets) - 1
+        return detr_key(term, route, label, suffix, primary=next(iter(self.matcher)),
+                        last_layer=last)  # fmt: skip
+
+    def _weigh(self, key: str, weight: float) -> None:
+        """Record ``key``'s effective weight (DETR style; a repeated key is a name clash)."""
+        if self.key_style != "detr":
+            return
+        if key in self._seen:
+            raise ValueError(
+                f"MultiRouteCriterion: two loss terms are both named {key!r} in key_style="
+                "'detr' (a route named like a layer suffix, e.g. 'enc'?); rename the route"
+            )
+        self._seen.add(key)
+        self.weight_dict[key] = float(weight)
