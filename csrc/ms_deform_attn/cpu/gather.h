@@ -6,12 +6,14 @@
 // reorder window holds only a few points' worth of instructions. So the kernels work in two
 // phases per "task" (one (query, head) pair):
 //   1. gather: compute the bilinear corners of all L*P points with the shared header's
-//      `bilinear()` (same bounds and non-finite rules as the CUDA kernel) and issue a software
-//      prefetch for every in-bounds corner row, so all of the task's reads are in flight at once;
+//      `bilinear()` (same bounds and non-finite rules as the CUDA kernel);
 //   2. accumulate: run the channel loops over those corners.
-// The kernels gather task t+1 before accumulating task t, so the next task's reads travel while
-// the current one computes. Prefetches are hints: they never fault and never change a result,
-// and they are issued only for in-bounds rows (every read stays inside `value`).
+// Task t + 1 is gathered before task t is accumulated, and while task t's corners are
+// accumulated one by one, the rows of task t + 1's corners are prefetched, one per step: the
+// next task's reads travel while the current one computes, spread out so that the prefetches
+// never wait for free miss buffers in a burst. Prefetches are hints: they never fault and never
+// change a result, and they are issued only for in-bounds rows (every read stays inside
+// `value`).
 #pragma once
 
 #include <cstdint>
@@ -57,7 +59,7 @@ struct Corner {
 };
 
 // Forward phase 1 for one (query, head): the in-bounds corners of its L*P points, in point then
-// corner order, prefetched; returns how many were written to `out` (at most 4*L*P).
+// corner order; returns how many were written to `out` (at most 4*L*P).
 // loc / attn are indexed from flat point i0 = [b, q, h, 0, 0]; v points at value[b, 0, h, 0],
 // whose pixel rows lie pixel_stride elements apart and hold `channels` elements.
 template <typename scalar_t, typename acc_t>
@@ -80,9 +82,7 @@ inline int64_t gather_corners(const scalar_t* loc, const scalar_t* attn, int64_t
       }
       for (int c = 0; c < 4; ++c) {
         if (bil.offset[c] < 0) continue;
-        const scalar_t* row = vl + bil.offset[c] * pixel_stride;
-        prefetch_row<false>(row, channels);
-        out[n++] = {row, a * bil.weight[c]};
+        out[n++] = {vl + bil.offset[c] * pixel_stride, a * bil.weight[c]};
       }
     }
   }
@@ -91,31 +91,40 @@ inline int64_t gather_corners(const scalar_t* loc, const scalar_t* attn, int64_t
 
 // Forward phase 2: o[d0 : d0 + width] = sum_k corners[k].weight * corners[k].row[d0 : ...],
 // summed in corner order (the order of the one-point-at-a-time loop), with width <= kBlock
-// accumulators in registers. `full` (width == kBlock) lets the compiler unroll the channel loop.
+// accumulators in registers; `full` (width == kBlock) lets the compiler unroll the channel loop.
+// Step k also prefetches the row of next[k] (next[0 : n_next], the next task's corners).
 template <bool full, typename scalar_t, typename acc_t>
 inline void accumulate_block(const Corner<scalar_t, acc_t>* corners, int64_t n, int64_t d0,
-                             int64_t width, scalar_t* o) {
+                             int64_t width, scalar_t* o, const Corner<scalar_t, acc_t>* next,
+                             int64_t n_next, int64_t channels) {
   const int64_t w = full ? kBlock : width;
   acc_t acc[kBlock];
   for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
   for (int64_t k = 0; k < n; ++k) {
+    if (k < n_next) prefetch_row<false>(next[k].row, channels);
     const scalar_t* row = corners[k].row + d0;
     const acc_t weight = corners[k].weight;
     MRDETR_SIMD
     for (int64_t j = 0; j < w; ++j) acc[j] += weight * static_cast<acc_t>(row[j]);
   }
+  for (int64_t k = n; k < n_next; ++k) prefetch_row<false>(next[k].row, channels);
   for (int64_t j = 0; j < w; ++j) o[d0 + j] = static_cast<scalar_t>(acc[j]);
 }
 
-// Forward phase 2 over all channels: full blocks of kBlock, then the remainder.
+// Forward phase 2 over all channels of a task (full blocks of kBlock, then the remainder),
+// prefetching the next task's corner rows during the first block.
 template <typename scalar_t, typename acc_t>
-inline void accumulate(const Corner<scalar_t, acc_t>* corners, int64_t n, int64_t channels,
+inline void accumulate(const Corner<scalar_t, acc_t>* corners, int64_t n,
+                       const Corner<scalar_t, acc_t>* next, int64_t n_next, int64_t channels,
                        scalar_t* o) {
   int64_t d0 = 0;
   for (; d0 + kBlock <= channels; d0 += kBlock) {
-    accumulate_block<true>(corners, n, d0, kBlock, o);
+    accumulate_block<true>(corners, n, d0, kBlock, o, next, d0 == 0 ? n_next : 0, channels);
   }
-  if (d0 < channels) accumulate_block<false>(corners, n, d0, channels - d0, o);
+  if (d0 < channels) {
+    accumulate_block<false>(corners, n, d0, channels - d0, o, next, d0 == 0 ? n_next : 0,
+                            channels);
+  }
 }
 
 // One sampling point of a backward task: its corners, attention weight and level.
@@ -127,13 +136,11 @@ struct Point {
 };
 
 // Backward phase 1 for one (query, head): points[0 : L*P] (all points, in bounds or not, since
-// each gets a location and weight gradient), prefetching each in-bounds corner row of `v` and,
-// for writing, of `gv` (both at [b, 0, h, 0] of value / its gradient, same layout).
+// each gets a location and weight gradient).
 template <typename scalar_t, typename acc_t>
 inline void gather_points(const scalar_t* loc, const scalar_t* attn, int64_t i0,
                           const LevelView& lv, int64_t levels, int64_t points,
-                          const scalar_t* v, const acc_t* gv, int64_t pixel_stride,
-                          int64_t channels, Point<acc_t>* out) {
+                          Point<acc_t>* out) {
   for (int64_t l = 0; l < levels; ++l) {
     for (int64_t p = 0; p < points; ++p) {
       const int64_t i = i0 + l * points + p;
@@ -142,13 +149,20 @@ inline void gather_points(const scalar_t* loc, const scalar_t* attn, int64_t i0,
                                lv.height[l], lv.width[l]);
       pt.attn = static_cast<acc_t>(attn[i]);
       pt.level = l;
-      for (int c = 0; c < 4; ++c) {
-        if (pt.bil.offset[c] < 0) continue;
-        const int64_t row = (lv.start[l] + pt.bil.offset[c]) * pixel_stride;
-        prefetch_row<false>(v + row, channels);
-        prefetch_row<true>(gv + row, channels);
-      }
     }
+  }
+}
+
+// Prefetch the in-bounds corner rows of one backward point: value for reading, its gradient
+// for writing (v / gv at [b, 0, h, 0], same layout).
+template <typename scalar_t, typename acc_t>
+inline void prefetch_point(const Point<acc_t>& pt, const LevelView& lv, const scalar_t* v,
+                           const acc_t* gv, int64_t pixel_stride, int64_t channels) {
+  for (int c = 0; c < 4; ++c) {
+    if (pt.bil.offset[c] < 0) continue;
+    const int64_t row = (lv.start[pt.level] + pt.bil.offset[c]) * pixel_stride;
+    prefetch_row<false>(v + row, channels);
+    prefetch_row<true>(gv + row, channels);
   }
 }
 

@@ -39,7 +39,7 @@ cpu::LevelView view(const Levels& lv) {
 }
 
 // Forward: a thread's tasks are the (query, head) pairs of its rows, in order; the corners of
-// task t + 1 are gathered and prefetched before task t is accumulated (see cpu/gather.h).
+// task t + 1 are gathered before task t is accumulated, and prefetched while it is (gather.h).
 template <typename scalar_t>
 void forward_kernel(const OpInputs& in, const Levels& lv, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -59,18 +59,20 @@ void forward_kernel(const OpInputs& in, const Levels& lv, at::Tensor& out) {
                                                             vh, H * D, D, pipe.next.data());
     };
     gather(first);
+    for (int64_t k = 0; k < pipe.next_size; ++k) cpu::prefetch_row<false>(pipe.next[k].row, D);
     for (int64_t task = first; task < last; ++task) {
       pipe.advance();
       if (task + 1 < last) gather(task + 1);
-      cpu::accumulate<scalar_t, acc_t>(pipe.current.data(), pipe.current_size, D,
-                                       op + task * D);
+      cpu::accumulate<scalar_t, acc_t>(pipe.current.data(), pipe.current_size, pipe.next.data(),
+                                       task + 1 < last ? pipe.next_size : 0, D, op + task * D);
     }
   });
 }
 
 // Backward: one thread owns the value-gradient slice [b, :, h, :] and walks the queries in
-// order (deterministic, no atomics); query q + 1's value and value-gradient rows are prefetched
-// before query q is accumulated, one point at a time, by the shared header's point_backward.
+// order (deterministic, no atomics), one point at a time with the shared header's point_backward;
+// while point k of query q runs, the value and value-gradient rows of point k of query q + 1
+// are prefetched.
 template <typename scalar_t>
 void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Levels& lv,
                      at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
@@ -92,14 +94,18 @@ void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Level
       const int64_t head = (b * S * H + h) * D;  // [b, 0, h, 0] in value / grad_value
       const auto gather = [&](int64_t q) {
         cpu::gather_points<scalar_t, acc_t>(lp, ap, ((b * Q + q) * H + h) * L * P, levels, L, P,
-                                            v + head, gv + head, H * D, D, pipe.next.data());
+                                            pipe.next.data());
       };
       gather(0);
+      for (int64_t k = 0; k < L * P; ++k) {
+        cpu::prefetch_point(pipe.next[k], levels, v + head, gv + head, H * D, D);
+      }
       for (int64_t q = 0; q < Q; ++q) {
         pipe.advance();
         if (q + 1 < Q) gather(q + 1);
         const int64_t row = (b * Q + q) * H + h;  // [b, q, h] in grad_out / points
         for (int64_t k = 0; k < L * P; ++k) {
+          if (q + 1 < Q) cpu::prefetch_point(pipe.next[k], levels, v + head, gv + head, H * D, D);
           const auto& pt = pipe.current[k];
           const int64_t off = head + lv.start[pt.level] * H * D;
           acc_t gx, gy, ga;
