@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/gather.h"
+#include "cpu/huge_pages.h"
 #include "inputs.h"
 #include "ms_deform_attn.h"
 
@@ -145,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                                      sampling_locations, attention_weights);
   const auto grad = prepare_grad_output(grad_output, in);
   const auto acc_type = at::toOpMathType(in.value.scalar_type());
-  auto grad_value_acc = at::zeros(in.value.sizes(), in.value.options().dtype(acc_type));
+  auto grad_value_acc =
+      cpu::zeros_advising_huge_pages(in.value.sizes(), in.value.options().dtype(acc_type));
   auto grad_loc = at::zeros_like(in.loc);
   auto grad_attn = at::zeros_like(in.attn);
   if (in.attn.numel() > 0 && in.value.numel() > 0) {
