@@ -6,7 +6,9 @@ registry (:func:`register_integration`): torch ``nn.TransformerDecoder`` and mrd
 ``MultiRouteDecoder`` built in; any other decoder through an explicit :class:`DecoderSpec`.
 """
 
+from .deformable_detr import DeformableDetrIntegration
 from .fast_attention import restore_deformable_attention, use_fast_deformable_attention
+from .hf_detr import HFDeformableDetrIntegration, HFRTDetrIntegration, hf_route_predictions
 from .integration import (
     Integration,
     QueryTilingIntegration,
@@ -24,9 +26,15 @@ from .wrap import is_wrapped, route_outputs, unwrap, wrap
 
 register_integration(TorchDecoderIntegration())
 register_integration(MultiRouteDecoderIntegration())
+register_integration(HFDeformableDetrIntegration())
+register_integration(HFRTDetrIntegration())
+register_integration(DeformableDetrIntegration())
 
 __all__ = [
     "DecoderSpec",
+    "DeformableDetrIntegration",
+    "HFDeformableDetrIntegration",
+    "HFRTDetrIntegration",
     "Integration",
     "LayerModules",
     "MHACall",
@@ -37,6 +45,7 @@ __all__ = [
     "RouteOutputs",
     "SpecIntegration",
     "TorchDecoderIntegration",
+    "hf_route_predictions",
     "is_wrapped",
     "register_integration",
     "registered_integrations",

@@ -1,0 +1,72 @@
+"""Unpacked oracle for the HF adapter tests: each route run as its own plain pass through a copy
+of the unwrapped HF model with that route's modules swapped in; the instruction route's
+attention written out with matmul + softmax through the host's own q/k/v/o projections."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mrdetr import adapters
+
+
+class InstructHFAttention(nn.Module):
+    """HF DETR-family self-attention with instruction tokens in front of keys and values."""
+
+    def __init__(self, host: nn.Module, tokens, tokens_pos) -> None:
+        super().__init__()
+        self.host = host
+        self.tokens, self.tokens_pos = tokens.detach().clone(), tokens_pos.detach().clone()
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        h = self.host
+        b, q, c = hidden_states.shape
+        heads = h.config.decoder_attention_heads
+        n = self.tokens.shape[0]
+        qk = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        keys_in = torch.cat([(self.tokens + self.tokens_pos).expand(b, n, c), qk], 1)
+        values_in = torch.cat([self.tokens.expand(b, n, c), hidden_states], 1)
+
+        def heads_of(x):
+            return x.view(b, x.shape[1], heads, c // heads).transpose(1, 2)  # [B, H, L, D]
+
+        query = heads_of(h.q_proj(qk))
+        key, value = heads_of(h.k_proj(keys_in)), heads_of(h.v_proj(values_in))
+        logits = query @ key.transpose(-1, -2) * (c // heads) ** -0.5  # [B, H, Q, n+Q]
+        if attention_mask is not None:
+            logits = logits + torch.nn.functional.pad(attention_mask, (n, 0))
+        out = (logits.softmax(-1) @ value).transpose(1, 2).reshape(b, q, c)
+        return h.o_proj(out), None
+
+
+def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
+    """A plain (unwrapped) copy of ``wrapped`` running route ``route_index`` alone."""
+    model = copy.deepcopy(wrapped)
+    decoder = next(m for m in model.modules() if "mrdetr_routes" in m._modules)
+    state = decoder.mrdetr_routes
+    route = state.routes[route_index]
+    aux = [dict(a.items()) for a in state.aux]
+    adapters.unwrap(model)
+    if route_index == 0:
+        return model
+    for layer, owned in zip(decoder.layers, aux, strict=True):
+        own = owned.get(route.name)
+        if own is None:
+            continue
+        if hasattr(own, "self_attn_norm"):
+            layer.self_attn_layer_norm = own.self_attn_norm
+        if hasattr(own, "ffn"):
+            layer.mlp = own.ffn[0]
+        if hasattr(own, "tokens"):
+            layer.self_attn = InstructHFAttention(layer.self_attn, own.tokens, own.tokens_pos)
+    return model
+
+
+def randomise(module: nn.Module, scale: float = 0.05, seed: int = 0) -> None:
+    """Perturb every parameter so that no two routes coincide (copies start equal)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
