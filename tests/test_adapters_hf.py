@@ -1,4 +1,4 @@
-"""mrdetr.adapters on HF transformers DeformableDetr (refinement, two-stage) and RT-DETR (denoising).
+"""mrdetr.adapters on HF DeformableDetr (refinement, two-stage) and RT-DETR (denoising).
 
 Oracles: the unwrapped model (eval, the primary route, save/load) and each route run alone
 through a copy of the unwrapped model with that route's modules swapped in (tests/_hf_oracle.py).
@@ -46,6 +46,7 @@ def _aux_only(model):
     return dict(decoder.mrdetr_routes.named_parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(DEFORMABLE))
 def test_deformable_detr_eval_bitwise_and_routes_equal_unpacked_oracle(variant):
     model = _wrapped(hf_deformable_detr, **DEFORMABLE[variant])
@@ -72,6 +73,7 @@ def test_deformable_detr_eval_bitwise_and_routes_equal_unpacked_oracle(variant):
     assert torch.equal(a.logits, b.logits) and torch.equal(a.pred_boxes, b.pred_boxes)
 
 
+@pytest.mark.slow
 def test_rt_detr_routes_equal_oracle_and_denoising_stays_primary():
     model = _wrapped(hf_rt_detr)
     pixels, targets = random_detection_batch()

@@ -61,8 +61,9 @@ class DeformableDetrIntegration(QueryTilingIntegration):
 
     def layer_modules(self, decoder: nn.Module) -> list[LayerModules]:
         return [
-            LayerModules(layer, layer.self_attn, layer.norm2, (layer.linear1, layer.linear2),
-                         layer.norm3)  # fmt: skip
+            LayerModules(
+                layer, layer.self_attn, layer.norm2, (layer.linear1, layer.linear2), layer.norm3
+            )  # fmt: skip
             for layer in decoder.layers
         ]
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .integration import QueryTilingIntegration, RouteOutputs
-from .packing import RouteLayout, packed, split, tile
+from .packing import RouteLayout, split, tile
 from .predictions import route_predictions
 from .route_modules import LayerModules
 
@@ -75,7 +75,9 @@ def _slice_output(output, layout: RouteLayout, i: int, drop_denoising: bool = Fa
         if not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != layout.length:
             return t
         part = split(t, layout, dim)[i]
-        return part.narrow(dim, layout.num_denoising, layout.num_queries) if drop_denoising else part
+        return (
+            part.narrow(dim, layout.num_denoising, layout.num_queries) if drop_denoising else part
+        )
 
     fields = {}
     for name, value in output.items():
