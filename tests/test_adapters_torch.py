@@ -212,3 +212,36 @@ def test_unknown_decoder_error_names_what_it_looked_for_and_the_spec():
         adapters.wrap(make_decoder(), routes.mr_detr_moe())
     with pytest.raises(ValueError, match="no training pass"):
         adapters.route_outputs(adapters.wrap(make_decoder()))
+
+
+def test_an_interrupted_training_pass_leaves_the_host_untouched():
+    dec = adapters.wrap(make_decoder())
+    args, kw = make_inputs()
+    with pytest.raises(RuntimeError):
+        dec(args[0], torch.randn(B, S, C + 1), **kw)  # the host's cross-attention fails
+    assert all("forward" not in m.__dict__ for m in dec.layers.modules())
+    assert dec.mrdetr_routes.layout is None
+    dec(*args, **kw)  # and the next pass runs
+    assert adapters.route_outputs(dec).hidden_states.shape[1] == 3
+
+
+def test_unbatched_input_in_training_is_a_clear_error():
+    dec = adapters.wrap(make_decoder())
+    with pytest.raises(ValueError, match="batched"):
+        dec(torch.randn(Q, C), torch.randn(S, C))
+
+
+@pytest.mark.slow
+def test_torch_compile_eval_graph_and_eager_training_pass():
+    dec = adapters.wrap(make_decoder())
+    plain = copy.deepcopy(dec)
+    adapters.unwrap(plain)
+    compiled = torch.compile(dec)
+    args, kw = make_inputs()
+    dec.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args, **kw), plain(*args, **kw), atol=1e-5, rtol=1e-5)
+    dec.train(), plain.train()
+    torch.testing.assert_close(compiled(*args, **kw), plain(*args, **kw), atol=1e-5, rtol=1e-5)
+    assert adapters.route_outputs(dec).hidden_states.shape[1] == 3
+    assert all("forward" not in m.__dict__ for m in dec.layers.modules())

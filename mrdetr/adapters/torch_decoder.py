@@ -65,6 +65,12 @@ class TorchDecoderIntegration(SpecIntegration):
         return MHACall(bool(host.self_attn.batch_first))
 
     def tile_inputs(self, decoder, args, kwargs, num_routes):
+        tgt = self._bind(decoder, args, kwargs).arguments["tgt"]
+        if tgt.dim() != 3:
+            raise ValueError(
+                f"tgt: packed routes need batched [B, Q, C] / [Q, B, C] queries in train(), "
+                f"got {tuple(tgt.shape)}"
+            )
         args, kwargs, layout = super().tile_inputs(decoder, args, kwargs, num_routes)
         bound = self._bind(decoder, args, kwargs)
         mask = bound.arguments.get("memory_mask")

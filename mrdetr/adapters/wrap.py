@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from .. import routes as routes_lib
@@ -33,10 +34,20 @@ class _TrainForward:
 
     def __call__(self, *args, **kwargs):
         d = self.decoder
-        if not d.training:
-            return self.original()(*args, **kwargs)
-        state = d.mrdetr_routes
-        return state.integration.train_forward(d, state, self.original(), args, kwargs)
+        if not d.training:  # the class's function, not a bound method torch.compile may remap
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
+            return type(d).forward(d, *args, **kwargs)
+        return _packed_pass(self, args, kwargs)
+
+
+@torch.compiler.disable
+def _packed_pass(wrapper: _TrainForward, args, kwargs):
+    """The training pass, run eagerly under ``torch.compile`` (it swaps module forwards for its
+    duration, which a compiled graph cannot replay); ``eval()`` compiles as usual."""
+    decoder = wrapper.decoder
+    state = decoder.mrdetr_routes
+    return state.integration.train_forward(decoder, state, wrapper.original(), args, kwargs)
 
 
 def _decoders(model: nn.Module) -> list[nn.Module]:
