@@ -1,0 +1,2 @@
+"""Modules of the toy-detection demo (``examples/toy_detection.py``): data, model, train,
+evaluate, plots."""
