@@ -65,7 +65,7 @@ def build_baseline(rev: str) -> str:
 def worker(library: str, cases: list[str], samplings: list[str], threads: int, reps: int):
     """Print JSON ``{"case/sampling": [fwd_ms, fwd_bwd_ms]}`` for one kernel (fresh process)."""
     sys.path.insert(0, str(HERE))
-    import ms_deform_attn as bench
+    import ms_deform_attn as bench  # puts this checkout's mrdetr first on sys.path
 
     torch.set_num_threads(threads)
     if library == "current":

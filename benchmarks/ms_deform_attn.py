@@ -25,7 +25,9 @@ import time
 
 import torch
 
-from mrdetr.ops import ms_deform_attn
+# this checkout's mrdetr, not another one installed in the environment (editable or not)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mrdetr.ops import ms_deform_attn  # noqa: E402
 
 DETR_LEVELS = [(100, 150), (50, 75), (25, 38), (13, 19)]
 SQUARE_LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]

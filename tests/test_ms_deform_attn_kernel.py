@@ -90,3 +90,17 @@ def test_forward_identical_across_thread_counts_and_chunk_boundaries():
     assert torch.equal(outs[0], outs[1])
     expected = ms_deform_attn_reference(value.double(), ss, lsi, loc.double(), attn.double())
     torch.testing.assert_close(outs[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_large_value_gradient_is_exact_zero_away_from_samples():
+    """A 16 MiB value gradient (built on huge-page-advised memory): every pixel no point touches
+    is exactly zero, the touched ones match the reference."""
+    value, ss, lsi, loc, attn = make_inputs(
+        batch=1, queries=6, heads=2, dim=32, levels=((128, 256),), points=4, spread=0.0
+    )
+    check_against_reference(value, ss, lsi, loc, attn, tol=1e-10)
+    leaves = value.clone().requires_grad_()
+    ms_deform_attn(leaves, ss, lsi, loc, attn, backend="cpu").sum().backward()
+    touched = leaves.grad.abs().sum((0, 2, 3)) > 0  # [S]
+    assert 0 < int(touched.sum()) <= 6 * 2 * 4 * 4
+    assert leaves.grad.nbytes >= 16 * 2**20
