@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .criterion_keys import KEY_STYLES, detr_key
+from .criterion_keys import KEY_STYLES, LossKeys
 from .losses import giou_loss, l1_loss, sigmoid_focal_loss
 from .matching.indices import flatten_indices
 from .matching.inputs import PackedTargets, check_predictions, pack_targets
@@ -282,7 +282,7 @@ class MultiRouteCriterion(nn.Module):
         num_boxes = self.num_boxes(packed, like.device)
 
         losses: dict[str, Tensor] = {}
-        self._seen: set[str] = set()
+        keys = LossKeys(self.key_style, next(iter(self.matcher)), self.weight_dict)
         total = like.new_zeros(())
         for route, sets in routes.items():
             if route not in self.matcher:
@@ -302,9 +302,10 @@ class MultiRouteCriterion(nn.Module):
                     if self.mask_loss is not None and out.get("pred_masks") is not None:
                         terms.update(self.mask_set_losses(out, targets, indices, num_boxes))
                     for term, value in terms.items():
-                        key = self._key(term, route, label, suffix, sets)
+                        key = keys.add(
+                            term, route, label, suffix, sets, self.term_weights[term] * scale
+                        )
                         losses[key] = value
-                        self._weigh(key, self.term_weights[term] * scale)
                         total = total + self.term_weights[term] * scale * value
             moe = outputs[route].get("loss_moe")
             if moe is not None:
@@ -314,31 +315,9 @@ class MultiRouteCriterion(nn.Module):
                         f"MultiRouteCriterion: outputs[{route!r}]['loss_moe'] must be a 0-dim "
                         f"tensor (MultiRouteDecoder.moe_losses()[route]), received {got}"
                     )
-                key = self._key("loss_moe", route, None, "", sets)
-                losses[key] = moe
-                self._weigh(key, self.term_weights["loss_moe"] * route_weight)
+                w = self.term_weights["loss_moe"] * route_weight
+                losses[keys.add("loss_moe", route, None, "", sets, w)] = moe
                 total = total + self.term_weights["loss_moe"] * route_weight * moe
         if self.key_style == "mrdetr":
             losses["loss"] = total
         return losses
-
-    def _key(self, term: str, route: str, label, suffix: str, sets) -> str:
-        """The loss key of ``term`` for one prediction set in this criterion's key style."""
-        if self.key_style == "mrdetr":
-            tag = route if label is None else f"{route}:{label}"
-            return f"loss_moe/{route}" if not suffix else f"{term}/{tag}/{suffix}"
-        last = sum(s.startswith("layer") for s, _ in sets) - 1
-        return detr_key(term, route, label, suffix, primary=next(iter(self.matcher)),
-                        last_layer=last)  # fmt: skip
-
-    def _weigh(self, key: str, weight: float) -> None:
-        """Record ``key``'s effective weight (DETR style; a repeated key is a name clash)."""
-        if self.key_style != "detr":
-            return
-        if key in self._seen:
-            raise ValueError(
-                f"MultiRouteCriterion: two loss terms are both named {key!r} in key_style="
-                "'detr' (a route named like a layer suffix, e.g. 'enc'?); rename the route"
-            )
-        self._seen.add(key)
-        self.weight_dict[key] = float(weight)

@@ -26,7 +26,7 @@ filled by each forward (the engines read it after calling the criterion). There 
 
 from __future__ import annotations
 
-__all__ = ["KEY_STYLES", "detr_key"]
+__all__ = ["KEY_STYLES", "LossKeys", "detr_key"]
 
 KEY_STYLES = ("mrdetr", "detr")
 _RENAMED = {"loss_class": "loss_ce"}
@@ -51,3 +51,40 @@ def detr_key(term: str, route: str, label: str | None, suffix: str, *, primary: 
     if route != primary:
         name += f"_{route}"
     return name if label is None else f"{name}_{label}"
+
+
+class LossKeys:
+    """Names one forward's losses in a key style and, in the ``"detr"`` style, records each
+    key's effective weight in ``weight_dict`` (the criterion's, updated in place).
+
+    Args:
+        style: ``"mrdetr"`` or ``"detr"``.
+        primary: the primary route's name.
+        weight_dict: the dict to fill (``"detr"`` style only).
+    """
+
+    def __init__(self, style: str, primary: str, weight_dict: dict) -> None:
+        self.style, self.primary, self.weight_dict = style, primary, weight_dict
+        self.seen: set[str] = set()
+
+    def add(self, term: str, route: str, label, suffix: str, sets, weight: float) -> str:
+        """The key of ``term`` for one prediction set of ``route`` (``sets``: the route's
+        ``[(suffix, predictions)]``; ``suffix`` ``""`` for route-level terms); records
+        ``weight`` under it (``"detr"``).
+
+        Raises:
+            ValueError: two terms of one forward get the same DETR-style key.
+        """
+        if self.style == "mrdetr":
+            tag = route if label is None else f"{route}:{label}"
+            return f"{term}/{tag}/{suffix}" if suffix else f"{term}/{route}"
+        last = sum(s.startswith("layer") for s, _ in sets) - 1
+        key = detr_key(term, route, label, suffix, primary=self.primary, last_layer=last)
+        if key in self.seen:
+            raise ValueError(
+                f"MultiRouteCriterion: two loss terms are both named {key!r} in key_style="
+                "'detr' (a route named like a layer suffix, e.g. 'enc'?); rename the route"
+            )
+        self.seen.add(key)
+        self.weight_dict[key] = float(weight)
+        return key
