@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -160,7 +161,9 @@ def export_onnx(
         dynamic_shapes: as for ``torch.export.export`` (e.g. ``{"images": {0: Dim("batch")}}``).
         opset_version: target opset, >= 18 (newer ones are converted from 18).
         custom_translation_table: more translations, merged over ours.
-        **options: passed on to ``torch.onnx.export`` (``input_names``, ``optimize``, ...).
+        **options: passed on to ``torch.onnx.export`` (``input_names``, ...). ``optimize=True``
+            (the default) runs onnxscript's optimizer and keeps its result only when
+            ``onnx.checker`` accepts it (see :func:`_optimize_checked`).
 
     Returns:
         ``torch.onnx.ONNXProgram`` (``.model_proto``, ``.save(path)``, callable with torch tensors).
@@ -179,6 +182,7 @@ def export_onnx(
             "would record dropout and every training route)"
         )
     table = onnx_translation_table() | dict(custom_translation_table or {})
+    optimize = options.pop("optimize", True)
     program = torch.onnx.export(
         model,
         tuple(args),
@@ -187,8 +191,33 @@ def export_onnx(
         dynamic_shapes=dynamic_shapes,
         opset_version=opset_version,
         custom_translation_table=table,
+        optimize=False,
         **options,
     )
+    if optimize:
+        _optimize_checked(program)
     if f is not None:
         program.save(os.fspath(f))
     return program
+
+
+def _optimize_checked(program) -> None:
+    """Optimize ``program`` in place, or keep it unoptimized (with a warning) when the result fails
+    ``onnx.checker``: onnxscript's optimizer can emit a graph that is not topologically sorted
+    (seen on HF DeformableDetr with box refinement), which onnxruntime refuses to load."""
+    import onnx
+    import onnx_ir
+
+    before = program.model_proto
+    program.optimize()
+    try:
+        onnx.checker.check_model(program.model_proto)
+    except onnx.checker.ValidationError as err:
+        reason = str(err).strip().splitlines()[0]
+        warnings.warn(
+            f"mrdetr.export: the ONNX optimizer produced an invalid graph ({reason}); "
+            "keeping the unoptimized graph, which computes the same outputs",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        program.model = onnx_ir.from_proto(before)

@@ -1,0 +1,74 @@
+"""HF DeformableDetr on mrdetr's op (use_fast_deformable_attention): torch.export and ONNX.
+
+transformers' Deformable-DETR code turns the feature-map sizes into Python ints, so its export
+is specialised to the example's image size: the batch is the dynamic axis here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+pytest.importorskip("transformers")
+
+from mrdetr.adapters import use_fast_deformable_attention  # noqa: E402
+from mrdetr.adapters.hf_models import hf_deformable_detr  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+class Detections(nn.Module):
+    """pixel_values [B, 3, H, W] -> (logits [B, Q, K], pred_boxes [B, Q, 4])."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        out = self.model(pixel_values=pixel_values)
+        return out.logits, out.pred_boxes
+
+
+def deployed(**kwargs):
+    model = hf_deformable_detr(decoder_layers=2, **kwargs).eval()
+    use_fast_deformable_attention(model)
+    return Detections(model).eval()
+
+
+def images(batch, seed):
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+DYN = ({0: Dim("batch")},)
+
+
+def test_torch_export_of_hf_deformable_detr_on_the_op():
+    model = deployed(with_box_refine=True, two_stage=True)
+    program = torch.export.export(model, (images(2, 0),), dynamic_shapes=DYN)
+    assert any(str(n.target).startswith("mrdetr.") for n in program.graph.nodes)
+    x = images(3, 1)
+    with torch.no_grad():  # eager ms_deform_attn under inference_mode: issue 10 item 2
+        expected = model(x)
+    with torch.inference_mode():
+        got = program.module()(x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_onnx_of_hf_deformable_detr_on_the_op():
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from _export import run_onnxruntime
+
+    from mrdetr.export import export_onnx
+
+    model = deployed(with_box_refine=True)
+    program = export_onnx(model, (images(2, 0),), dynamic_shapes=DYN)
+    assert "GridSample" in {n.op_type for n in program.model_proto.graph.node}
+    x = images(3, 1)
+    with torch.no_grad():
+        expected = model(x)
+    got = run_onnxruntime(program.model_proto, (x,))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
