@@ -1,4 +1,7 @@
-"""HF DeformableDetr on mrdetr's op (use_fast_deformable_attention): torch.export and ONNX.
+"""An unwrapped HF DeformableDetr on mrdetr's op: torch.export and ONNX equal eager.
+
+The deployment path: ``wrap`` (train with the routes), ``unwrap``, then
+``use_fast_deformable_attention`` so the sampling runs on ``ms_deform_attn``.
 
 transformers' Deformable-DETR code turns the feature-map sizes into Python ints, so its export
 is specialised to the example's image size: the batch is the dynamic axis here.
@@ -13,7 +16,8 @@ from torch.export import Dim
 
 pytest.importorskip("transformers")
 
-from mrdetr.adapters import use_fast_deformable_attention  # noqa: E402
+from mrdetr import routes  # noqa: E402
+from mrdetr.adapters import unwrap, use_fast_deformable_attention, wrap  # noqa: E402
 from mrdetr.adapters.hf_models import hf_deformable_detr  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -32,7 +36,9 @@ class Detections(nn.Module):
 
 
 def deployed(**kwargs):
-    model = hf_deformable_detr(decoder_layers=2, **kwargs).eval()
+    model = hf_deformable_detr(decoder_layers=1, **kwargs)
+    wrap(model, routes.mr_detr(num_instruction_tokens=4))
+    unwrap(model.eval())
     use_fast_deformable_attention(model)
     return Detections(model).eval()
 

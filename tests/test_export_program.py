@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _export import DecoderWithHeads, decoder_inputs, level_inputs
 from torch.export import Dim
@@ -31,6 +32,7 @@ def test_attention_module_exports_with_dynamic_batch_queries_and_image_size():
         torch.testing.assert_close(program.module()(*other), m(*other))
 
 
+@pytest.mark.slow
 def test_stripped_decoder_exports_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     model = DecoderWithHeads()
