@@ -36,7 +36,7 @@ class Detections(nn.Module):
 
 
 def deployed(**kwargs):
-    model = hf_deformable_detr(decoder_layers=1, **kwargs)
+    model = hf_deformable_detr(decoder_layers=2, **kwargs)
     wrap(model, routes.mr_detr(num_instruction_tokens=4))
     unwrap(model.eval())
     use_fast_deformable_attention(model)
