@@ -53,6 +53,8 @@ def load_model(checkpoint: str | None, quick: bool, seed: int) -> PrimaryRoute:
         model = build_model(ToyDETRConfig(routes="mr_detr", two_stage=True, **kwargs))
     else:
         path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
         if path.is_dir():
             runs = sorted(path.glob("*/last.pt"), key=lambda p: p.parent.name != "mr_detr")
             if not runs:

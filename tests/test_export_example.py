@@ -49,3 +49,27 @@ def test_within_applies_atol_and_rtol():
     diff, ok = ex.within((torch.tensor([1.0, 100.01]),), expected, 2e-5, 1e-5)
     assert not ok and diff == pytest.approx(0.01, rel=1e-3)
     assert ex.within((torch.zeros(3),), (torch.zeros(2),), 1.0, 1.0) == (float("inf"), False)
+
+
+def test_loads_the_demo_checkpoint_from_its_out_folder(tmp_path):
+    """A checkpoint in the demo's layout (``<out>/<run>/last.pt``) loads, stripped, in eval."""
+    ex = load_example()
+    from toy.model import ToyDETRConfig, build_model
+
+    cfg = ToyDETRConfig(routes="mr_detr", two_stage=True, **ex.QUICK_MODEL)
+    torch.manual_seed(1)
+    trained = build_model(cfg)
+    (tmp_path / "mr_detr").mkdir()
+    state = {"model": trained.state_dict(), "model_cfg": cfg.to_dict(), "history": {"steps": 7}}
+    torch.save(state, tmp_path / "mr_detr" / "last.pt")
+    loaded = ex.load_model(str(tmp_path), quick=False, seed=0)
+    assert not loaded.training and len(loaded.model.decoder.routes) == 1
+    params = dict(loaded.model.named_parameters())
+    assert params and not any(".aux." in name for name in params)
+    for name, p in params.items():
+        torch.testing.assert_close(p, trained.state_dict()[name], rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        ex.load_model(str(tmp_path / "nothing_here"), quick=False, seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no <run>/last.pt"):
+        ex.load_model(str(tmp_path / "empty"), quick=False, seed=0)
