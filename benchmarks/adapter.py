@@ -1,0 +1,196 @@
+"""Benchmark: the adapter's routes and fast attention on HF transformers' Deformable-DETR.
+
+A random-init ``DeformableDetrForObjectDetection`` (6 encoder + 6 decoder layers, d256, 8 heads,
+FFN 1024, 300 queries, 4 levels, box refinement + two-stage; a small ResNet backbone built by
+transformers), batch 2 of 320x320 images, CPU. One training step = forward, per-route
+predictions from the model's heads, ``MultiRouteCriterion`` (Hungarian for the primary route,
+one-to-many for the auxiliary ones), backward. Configurations, timed interleaved in one run:
+
+- ``unwrapped``: the HF model, primary route only (the baseline);
+- ``adapter``: ``mrdetr.adapters.wrap`` with Mr. DETR's three routes, packed;
+- ``reference``: the same three routes the reference way: the encoder once, then the decoder
+  called once per route (each auxiliary route with its own FFN / norm / instruction tokens
+  swapped in, attending through the shared weights);
+- ``unwrapped + fast``: the baseline after ``use_fast_deformable_attention`` (encoder and
+  decoder deformable sampling on mrdetr's CPU kernel instead of transformers' ``grid_sample``).
+
+Times are medians over ``--reps`` interleaved repetitions after ``--warmup``; ratios from the
+minima are printed too (robust to other processes on a shared machine).
+
+Usage::
+
+    python benchmarks/adapter.py [--reps 5] [--warmup 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes
+from mrdetr.adapters import RouteOutputs
+from mrdetr.adapters.hf_models import hf_deformable_detr, random_detection_batch
+from mrdetr.layers.attention_weights import attention_weights, instructive_attention
+
+CLASSES = 80
+ROUTES = routes.mr_detr()
+
+
+def build():
+    return hf_deformable_detr(
+        d_model=256, encoder_layers=6, decoder_layers=6, num_heads=8, ffn_dim=1024,
+        num_queries=300, num_labels=CLASSES, num_points=4, with_box_refine=True, two_stage=True,
+        dropout=0.0, backbone_width=32,
+    )  # fmt: skip
+
+
+class _InstructedAttention(nn.Module):
+    """HF self-attention with instruction tokens, through the host's weights (reference way)."""
+
+    def __init__(self, host: nn.Module, own: nn.Module) -> None:
+        super().__init__()
+        self.host, self.own = host, own
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        qk = hidden_states + position_embeddings
+        own = self.own
+        out = instructive_attention(
+            qk, qk, hidden_states, own.tokens + own.tokens_pos, own.tokens,
+            attention_weights(self.host), attn_mask=attention_mask,
+        )  # fmt: skip
+        return out, None
+
+
+@contextlib.contextmanager
+def route_swapped(decoder: nn.Module, aux: list, name: str):
+    """The decoder's layers with route ``name``'s own modules in place, for one pass."""
+    saved = []
+    for layer, owned in zip(decoder.layers, aux, strict=True):
+        own = owned[name] if name in owned else None
+        saved.append((layer.self_attn, layer.self_attn_layer_norm, layer.mlp))
+        if own is None:
+            continue
+        if hasattr(own, "ffn"):
+            layer.mlp = own.ffn[0]
+        if hasattr(own, "self_attn_norm"):
+            layer.self_attn_layer_norm = own.self_attn_norm
+        if hasattr(own, "tokens"):
+            layer.self_attn = _InstructedAttention(layer.self_attn, own)
+    try:
+        yield
+    finally:
+        for layer, (sa, norm, mlp) in zip(decoder.layers, saved, strict=True):
+            layer.self_attn, layer.self_attn_layer_norm, layer.mlp = sa, norm, mlp
+
+
+def _route_output(output, first_reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([N, 1, B, Q, C], [N, 1, B, Q, 4])`` from an HF decoder (or model) output: every
+    layer's hidden states and the reference each layer received."""
+    hidden = output.intermediate_hidden_states.transpose(0, 1)[:, None]
+    produced = output.intermediate_reference_points.transpose(0, 1)[:, None]
+    return hidden, torch.cat([first_reference[None, None], produced[:-1]])
+
+
+def primary_outputs(model, pixels) -> tuple[object, RouteOutputs]:
+    """The unwrapped model's forward and its layers as a one-route :class:`RouteOutputs`."""
+    out = model(pixels)
+    hidden, refs = _route_output(out, out.init_reference_points)
+    return out, RouteOutputs(ROUTES[:1], hidden, {}, refs)
+
+
+def reference_outputs(model, aux, pixels) -> tuple[object, RouteOutputs]:
+    """The reference way: the model's own forward (encoder + the primary route's decoder
+    pass), then the decoder once more per auxiliary route with that route's modules in."""
+    decoder = model.model.decoder
+    captured = {}
+    hook = decoder.register_forward_pre_hook(
+        lambda _m, _a, kw: captured.update(kw), with_kwargs=True
+    )
+    try:
+        out = model(pixels)
+    finally:
+        hook.remove()
+    h, r = _route_output(out, out.init_reference_points)
+    hidden, refs = [h], [r]
+    for route in ROUTES[1:]:
+        with route_swapped(decoder, aux, route.name):
+            h, r = _route_output(decoder(**captured), out.init_reference_points)
+        hidden.append(h)
+        refs.append(r)
+    return out, RouteOutputs(ROUTES, torch.cat(hidden, 1), {}, torch.cat(refs, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pixels, targets = random_detection_batch(batch=2, image_size=320, num_labels=CLASSES)
+
+    plain = build()
+    fast = adapters.use_fast_deformable_attention(copy.deepcopy(plain), backend="cpu")
+    wrapped = adapters.wrap(copy.deepcopy(plain), ROUTES)
+    ref_model = copy.deepcopy(wrapped)
+    aux = [dict(a.items()) for a in ref_model.model.decoder.mrdetr_routes.aux]
+    adapters.unwrap(ref_model)
+    criterion = MultiRouteCriterion(CLASSES, RouteMatcher.for_routes(ROUTES))
+
+    def adapter_outputs(model, pixels):
+        out = model(pixels)
+        return out, adapters.route_outputs(model)
+
+    configs = {
+        "unwrapped": (plain, primary_outputs),
+        "adapter": (wrapped, adapter_outputs),
+        "reference": (ref_model, lambda m, p: reference_outputs(m, aux, p)),
+        "unwrapped + fast": (fast, primary_outputs),
+    }
+
+    def step(name):
+        model, run = configs[name]
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        out, outs = run(model, pixels)
+        preds = adapters.hf_route_predictions(model, outs, out)
+        criterion(preds, targets)["loss"].backward()
+        return time.perf_counter() - t
+
+    with torch.no_grad():  # the reference way computes what the adapter computes
+        got = adapter_outputs(wrapped, pixels)[1].hidden_states
+        want = reference_outputs(ref_model, aux, pixels)[1].hidden_states
+    agree = torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    print(f"  adapter routes == reference-way routes (fp32 tolerance): {agree}", flush=True)
+    times = {name: [] for name in configs}
+    for rep in range(args.warmup + args.reps):
+        for name in configs:
+            dt = step(name)
+            print(f"  rep {rep} {name}: {dt * 1e3:.0f} ms", flush=True)
+            if rep >= args.warmup:
+                times[name].append(dt)
+    base = statistics.median(times["unwrapped"])
+    base_min = min(times["unwrapped"])
+    print(f"HF Deformable-DETR 6+6 layers d256, 300 queries, batch 2, 320x320, CPU "
+          f"{args.threads} threads; train step (forward + criterion + backward), "
+          f"median of {args.reps} after {args.warmup} warm-up")  # fmt: skip
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:18s} {med * 1e3:8.0f} ms   x{med / base:5.2f} (median)   "
+              f"x{min(ts) / base_min:5.2f} (min)")  # fmt: skip
+    fast_ratio = statistics.median(times["unwrapped"]) / statistics.median(
+        times["unwrapped + fast"]
+    )
+    print(
+        f"  use_fast_deformable_attention speed-up of the unwrapped train step: x{fast_ratio:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
