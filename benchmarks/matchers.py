@@ -11,6 +11,9 @@ Run: ``python benchmarks/matchers.py [--batch 16 --queries 900 --gts 30 --classe
 Prints medians (ms) over ``--reps`` repetitions after warm-up, speed-up ratios, and the scratch
 memory each matcher keeps between calls.
 
+``--memory``: only the pair check and the scratch memory each matcher keeps (e.g. at H-DETR-like
+sizes: ``--batch 2 --queries 5000 --gts 1000 --memory``).
+
 ``--contended``: start a process that keeps one core busy (a Python busy loop, like another
 user's job on a shared machine), repeat the timings ``--runs`` times and print the ratios of every
 run, with ``HungarianMatcher`` also timed with torch's intra-op threads (the matchers' one-thread
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +35,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mrdetr.matching import HungarianMatcher, OneToManyMatcher, RepeatedGTMatcher
-from mrdetr.matching import base as matching_base
+
+try:  # absent before the matchers' base existed (timing an older checkout via PYTHONPATH)
+    from mrdetr.matching import base as matching_base
+except ImportError:
+    matching_base = None
 
 # ----------------------------------------------------------------------------- baselines
 
@@ -179,7 +187,7 @@ def _busy_ticks():
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def median_ms(fn, reps, warmup=3):
+def median_ms(fn, reps, warmup):
     for _ in range(warmup):
         fn()
     times = []
@@ -209,21 +217,28 @@ def intra_op_threads():
         matching_base.single_thread = saved
 
 
-def time_rows(outputs, targets, matchers, reps, with_threads_row=False):
+def time_rows(outputs, targets, matchers, reps, warmup, with_threads_row=False):
     hung, o2m, rep = matchers
-    rows = {
-        "HungarianMatcher": median_ms(lambda: hung(outputs, targets), reps),
-        "DETR batched": median_ms(lambda: detr_batched(outputs, targets), reps),
-        "DETR per image": median_ms(lambda: detr_per_image(outputs, targets), reps),
-        "OneToManyMatcher": median_ms(lambda: o2m(outputs, targets), reps),
-        "o2m per image": median_ms(lambda: o2m_per_image(outputs, targets), reps),
-        "RepeatedGTMatcher": median_ms(lambda: rep(outputs, targets), reps),
-        "repeated per image": median_ms(lambda: repeated_per_image(outputs, targets), reps),
+    fns = {
+        "HungarianMatcher": lambda: hung(outputs, targets),
+        "DETR batched": lambda: detr_batched(outputs, targets),
+        "DETR per image": lambda: detr_per_image(outputs, targets),
+        "OneToManyMatcher": lambda: o2m(outputs, targets),
+        "o2m per image": lambda: o2m_per_image(outputs, targets),
+        "RepeatedGTMatcher": lambda: rep(outputs, targets),
+        "repeated per image": lambda: repeated_per_image(outputs, targets),
     }
-    if with_threads_row:
+    rows = {name: median_ms(fn, reps, warmup) for name, fn in fns.items()}
+    if with_threads_row and matching_base is not None:
         with intra_op_threads():
-            rows["Hungarian, threads"] = median_ms(lambda: hung(outputs, targets), reps)
+            rows["Hungarian, threads"] = median_ms(fns["HungarianMatcher"], reps, warmup)
     return rows
+
+
+def kept_mib(matcher):
+    """Scratch memory the matcher keeps between calls (read from its workspace's store)."""
+    store = matcher._workspace._local.__dict__.get("store", {})
+    return sum(t.numel() * t.element_size() for t in store.values()) / 2**20
 
 
 def print_ratios(rows):
@@ -244,8 +259,12 @@ def main():
     ap.add_argument("--gts", type=int, default=30)
     ap.add_argument("--classes", type=int, default=91)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contended", action="store_true", help="time beside a busy-loop process")
+    ap.add_argument(
+        "--memory", action="store_true", help="stop after the pair check and the memory figures"
+    )
     ap.add_argument("--runs", type=int, default=10, help="repetitions with --contended")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -262,25 +281,30 @@ def main():
         f"threads={torch.get_num_threads()} reps={args.reps} torch={torch.__version__}"
     )
     print(f"same pairs as baselines: hungarian={ok_h} one_to_many={ok_o} repeated_gt={ok_r}")
-    kept = {type(m).__name__: m._workspace.nbytes() / 2**20 for m in matchers}
-    print("scratch kept between calls (MiB): " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()))
+    kept = {type(m).__name__: kept_mib(m) for m in matchers}
+    print("scratch kept between calls (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in kept.items()))
+    if args.memory:
+        return
 
     if args.contended:
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        # a SIGTERM (e.g. from `timeout`) must still stop the busy loop: turn it into SystemExit
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             time.sleep(0.5)
             print(f"busy-loop process {busy.pid} running; {args.runs} runs")
             summary = []
             for run in range(args.runs):
-                rows = time_rows(outputs, targets, matchers, args.reps, with_threads_row=True)
+                rows = time_rows(outputs, targets, matchers, args.reps, args.warmup, True)
                 per_image = rows["DETR per image"]
                 ratio = per_image / rows["HungarianMatcher"]
-                threaded = per_image / rows["Hungarian, threads"]
+                threaded = per_image / rows.get("Hungarian, threads", float("nan"))
                 o2m_ratio = rows["o2m per image"] / rows["OneToManyMatcher"]
                 summary.append((ratio, threaded, o2m_ratio))
                 print(
                     f"run {run}: Hungarian {rows['HungarianMatcher']:.2f} ms, with threads "
-                    f"{rows['Hungarian, threads']:.2f} ms, DETR per image {per_image:.2f} ms -> "
+                    f"{rows.get('Hungarian, threads', float('nan')):.2f} ms, DETR per image "
+                    f"{per_image:.2f} ms -> "
                     f"{ratio:.2f}x (threads: {threaded:.2f}x); one-to-many {o2m_ratio:.2f}x"
                 )
         finally:
@@ -296,7 +320,7 @@ def main():
         return
 
     busy0, own0, wall0 = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
-    rows = time_rows(outputs, targets, matchers, args.reps)
+    rows = time_rows(outputs, targets, matchers, args.reps, args.warmup)
     busy1, own1, wall1 = _busy_ticks(), sum(os.times()[:2]), time.perf_counter()
     if busy0 is not None:
         other = (busy1 - busy0 - (own1 - own0)) / (wall1 - wall0)
