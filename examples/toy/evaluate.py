@@ -66,7 +66,9 @@ def to_coco_results(preds: list[tuple], data: DetectionData, indices) -> list[di
 
 
 def coco_stats(coco_gt: dict, results: list[dict], image_ids=None) -> dict[str, float]:
-    """pycocotools bbox evaluation of ``results`` against the COCO dict ``coco_gt``."""
+    """pycocotools bbox evaluation of ``results`` against the COCO dict ``coco_gt``: ``{name:
+    float}`` for :data:`STAT_NAMES`, None where no gt box falls in the area range (e.g. APl on
+    small images)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -83,7 +85,8 @@ def coco_stats(coco_gt: dict, results: list[dict], image_ids=None) -> dict[str, 
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {n: max(float(v), 0.0) for n, v in zip(STAT_NAMES, ev.stats, strict=False)}
+    # pycocotools reports -1 where no gt box falls in an area range: None (not 0) here
+    return {n: (float(v) if v >= 0 else None) for n, v in zip(STAT_NAMES, ev.stats, strict=False)}
 
 
 def evaluate(model, data: DetectionData, batch_size: int = 32) -> dict[str, float]:
