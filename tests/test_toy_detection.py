@@ -22,7 +22,7 @@ sys.path.insert(0, str(EXAMPLES))
 import toy_detection  # noqa: E402
 from toy import train as toy_train  # noqa: E402
 from toy.data import make_dataset  # noqa: E402
-from toy.evaluate import evaluate  # noqa: E402
+from toy.evaluate import STAT_NAMES, evaluate  # noqa: E402
 from toy.model import ToyDETRConfig  # noqa: E402
 
 TINY = ["--quick", "--train-images-count", "64", "--val-images-count", "8", "--no-progress"]
@@ -52,7 +52,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypa
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return {"AP": 0.0}
+        return dict.fromkeys(STAT_NAMES, 0.0)
 
     monkeypatch.setattr(toy_train, "evaluate", interrupt_second_eval)
     with pytest.raises(KeyboardInterrupt):
