@@ -50,16 +50,18 @@ def _entry(module: str, name: str, obj) -> list[str]:
         raise ValueError(f"{module}.{name} has no docstring")
     sig = _signature(obj.__init__ if kind == "class" and "__init__" in vars(obj) else obj)
     sig = sig.replace("(self, ", "(").replace("(self)", "()")
-    lines += ["```text", f"{kind} {name}{sig}", "```", "", doc, ""]
+    lines += ["```text", f"{kind} {name}{sig}", "", doc, "```", ""]
     if kind == "class":
         for attr, member in sorted(vars(obj).items()):
-            if attr.startswith("_") or not (inspect.isfunction(member) or isinstance(member, property)):
+            if attr.startswith("_") or not (
+                inspect.isfunction(member) or isinstance(member, property)
+            ):
                 continue
             mdoc = inspect.getdoc(member)
             if mdoc:
                 msig = "" if isinstance(member, property) else _signature(member)
                 msig = msig.replace("(self, ", "(").replace("(self)", "()")
-                lines += [f"- `{name}.{attr}{msig}`: " + mdoc.replace("\n", "\n  "), ""]
+                lines += [f"#### `{name}.{attr}{msig}`", "", "```text", mdoc, "```", ""]
     return lines
 
 
