@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -120,13 +124,102 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-def test_validation_cache_sees_in_place_changes():
-    """The value check is cached per tensor; editing spatial_shapes in place re-checks it."""
+def test_validation_sees_in_place_changes():
+    """Editing spatial_shapes in place between calls is seen by the next call."""
     value, ss, lsi, loc, attn = make_inputs()
     ms_deform_attn(value, ss, lsi, loc, attn, backend="cpu")
     ss[0, 0] += 1
     with pytest.raises(ValueError, match="running sum"):
         ms_deform_attn(value, ss, lsi, loc, attn, backend="cpu")
+
+
+# Each case changes the level tensors in a way that a cache keyed by data pointer and _version
+# cannot see, or skips the Python checks; it must end in a Python exception, never a crash, so
+# every case runs in its own child process.
+OOB_CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    sys.path.insert(0, {tests!r})
+    from _msda import make_inputs
+    from mrdetr.ops import ms_deform_attn
+    case, backend = sys.argv[1], sys.argv[2]
+    value, ss, lsi, loc, attn = make_inputs(batch=1, queries=3, levels=((4, 5), (2, 3)))
+    op = torch.ops.mrdetr.ms_deform_attn_forward
+    bwd = torch.ops.mrdetr.ms_deform_attn_backward
+    ms_deform_attn(value, ss, lsi, loc, attn, backend=backend)  # a valid call first
+    huge = (100000, 100000)
+    def call(shapes, starts=lsi):
+        return ms_deform_attn(value, shapes, starts, loc, attn, backend=backend)
+    try:
+        if case == "numpy_reuse":
+            buf, st = np.array([[4, 5], [2, 3]]), np.array([0, 20])
+            call(torch.from_numpy(buf), torch.from_numpy(st))
+            buf[0] = huge  # same address, version 0
+            call(torch.from_numpy(buf), torch.from_numpy(st))
+        elif case == "data_write":
+            ss.data[0] = torch.tensor(huge)
+            call(ss)
+        elif case == "numpy_write":
+            ss.numpy()[1] = huge
+            call(ss)
+        elif case == "as_strided":
+            flat = torch.tensor([4, 5, 2, 3, 100000, 100000])
+            call(flat.as_strided((2, 2), (2, 1)))
+            call(flat.as_strided((2, 2), (2, 1), 2))
+        elif case == "compile":
+            fn = torch.compile(lambda v, s, i, l, a: ms_deform_attn(v, s, i, l, a, backend=backend),
+                               backend="aot_eager", fullgraph=True)
+            fn(value, ss, lsi, loc, attn)
+            fn(value, torch.tensor([huge, (2, 3)]), lsi, loc, attn)
+        elif case == "direct_huge":
+            op(value, torch.tensor([huge, (2, 3)]), lsi, loc, attn)
+        elif case == "direct_zero":
+            op(value, torch.tensor([(0, 5), (2, 3)]), lsi, loc, attn)
+        elif case == "direct_negative_start":
+            op(value, ss, torch.tensor([-1000, 20]), loc, attn)
+        elif case == "direct_start_past_end":
+            op(value, ss, torch.tensor([0, 21]), loc, attn)
+        elif case == "direct_overflow":
+            op(value, torch.tensor([(2**62, 2**62), (2, 3)]), lsi, loc, attn)
+        elif case == "direct_backward":
+            g = torch.ones(1, 3, value.shape[2] * value.shape[3], dtype=value.dtype)
+            bwd(g, value, torch.tensor([huge, (2, 3)]), lsi, loc, attn)
+        else:
+            raise SystemExit("unknown case " + case)
+    except (ValueError, RuntimeError) as exc:
+        print("RAISED", type(exc).__name__, str(exc).splitlines()[0])
+    else:
+        print("NO ERROR")
+    """
+)
+OOB_CASES = [
+    "numpy_reuse",
+    "data_write",
+    "numpy_write",
+    "as_strided",
+    "compile",
+    "direct_huge",
+    "direct_zero",
+    "direct_negative_start",
+    "direct_start_past_end",
+    "direct_overflow",
+    "direct_backward",
+]
+
+
+@pytest.mark.parametrize(
+    "case, backend",
+    [(c, "cpu") for c in OOB_CASES] + [(c, "pytorch") for c in OOB_CASES[:4]],
+)
+def test_invalid_levels_never_reach_the_kernel(case, backend):
+    """The reproducers of the out-of-bounds read (SIGSEGV before the fix): a Python error now."""
+    code = OOB_CHILD.format(tests=str(Path(__file__).resolve().parent))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, case, backend], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"child died with {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "RAISED ValueError" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "spatial_shapes" in proc.stdout or "level" in proc.stdout, proc.stdout
 
 
 def test_direct_op_calls_are_checked_in_cpp():

@@ -1,9 +1,11 @@
-// Argument checks and contiguous inputs shared by the CPU and CUDA kernels. The checks are a
-// safety net for direct calls to torch.ops.mrdetr.* (the Python wrapper raises clearer errors
-// first).
+// Argument checks and contiguous inputs shared by the CPU and CUDA kernels. The shape and dtype
+// checks are a safety net for direct calls to torch.ops.mrdetr.* (the Python wrapper raises
+// clearer errors first). The level check is the one that keeps the kernels inside `value`
+// whatever the caller passes (reused numpy buffers, writes through .data, torch.compile, direct
+// calls): it reads spatial_shapes and level_start_index on the host at every call.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
@@ -19,6 +21,25 @@ struct OpInputs {
   std::vector<int64_t> output_sizes() const { return {B, Q, H * D}; }
 };
 
+// Every level must lie inside value's S positions: h > 0, w > 0, start >= 0 and
+// start + h * w <= S (written without overflow). Raises ValueError in Python.
+inline void check_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                         int64_t S) {
+  const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
+  const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
+  const int64_t* sp = shapes.data_ptr<int64_t>();
+  const int64_t* st = starts.data_ptr<int64_t>();
+  for (int64_t l = 0; l < shapes.size(0); ++l) {
+    const int64_t h = sp[2 * l], w = sp[2 * l + 1], start = st[l];
+    TORCH_CHECK_VALUE(h > 0 && w > 0, "ms_deform_attn: spatial_shapes must be positive, level ",
+                      l, " is (", h, ", ", w, ")");
+    TORCH_CHECK_VALUE(start >= 0 && start <= S && h <= S - start && w <= (S - start) / h,
+                      "ms_deform_attn: level ", l, " (start ", start, ", shape (", h, ", ", w,
+                      ")) does not fit in value's S=", S,
+                      " positions: need 0 <= start and start + h*w <= S");
+  }
+}
+
 inline OpInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                const at::Tensor& level_start_index,
                                const at::Tensor& sampling_locations,
@@ -27,6 +48,7 @@ inline OpInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatia
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
               "spatial_shapes must be [L, 2], got ", spatial_shapes.sizes());
   const int64_t levels = spatial_shapes.size(0);
+  TORCH_CHECK_VALUE(levels > 0, "ms_deform_attn: spatial_shapes must have at least one level (L >= 1), got L=0");
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == levels,
               "level_start_index must be [L], got ", level_start_index.sizes());
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(0) == value.size(0) &&
@@ -46,6 +68,7 @@ inline OpInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatia
     TORCH_CHECK(t->device() == value.device(), "all inputs must be on value's device ",
                 value.device(), ", got ", t->device());
   }
+  check_levels(spatial_shapes, level_start_index, value.size(1));
   OpInputs in{value.contiguous(),
               spatial_shapes.contiguous(),
               level_start_index.contiguous(),

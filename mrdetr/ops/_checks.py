@@ -7,11 +7,6 @@ from torch import Tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# (data_ptr, version, device) of the last spatial_shapes / level_start_index pair whose values were
-# checked: a decoder passes the same pair to every layer, so the device-to-host copy the value
-# check needs happens once per pair, not once per call.
-_last_checked: tuple | None = None
-
 
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
@@ -66,6 +61,11 @@ def check_inputs(
 
     b, s, h, _ = value.shape
     num_levels = spatial_shapes.shape[0]
+    if num_levels == 0:
+        raise ValueError(
+            "ms_deform_attn: spatial_shapes must have at least one level (L >= 1), got shape "
+            f"{_shape(spatial_shapes)}"
+        )
     if spatial_shapes.shape[1] != 2:
         raise ValueError(
             f"ms_deform_attn: spatial_shapes must be [L, 2], got {_shape(spatial_shapes)}"
@@ -91,17 +91,14 @@ def check_inputs(
 
 
 def _check_levels(spatial_shapes: Tensor, level_start_index: Tensor, s: int) -> None:
-    global _last_checked
-    key = (
-        spatial_shapes.data_ptr(),
-        spatial_shapes._version,
-        level_start_index.data_ptr(),
-        level_start_index._version,
-        spatial_shapes.device,
-        s,
-    )
-    if key == _last_checked:
-        return
+    """Value checks of the level tensors, read on the host at every call.
+
+    There is deliberately no cache keyed by data pointer and ``_version``: a reused numpy
+    buffer, a write through ``.data`` or an ``as_strided`` view changes the values without
+    changing either, and inference tensors have no version counter at all. The compiled kernels
+    repeat the memory-safety part of this check in C++ (``inputs.h``), so even calls that skip
+    it (``torch.compile``, ``torch.ops.mrdetr.*``) cannot read outside ``value``.
+    """
     shapes = spatial_shapes.tolist()
     starts = level_start_index.tolist()
     sizes = [hh * ww for hh, ww in shapes]
@@ -118,4 +115,3 @@ def _check_levels(spatial_shapes: Tensor, level_start_index: Tensor, s: int) -> 
             f"ms_deform_attn: value has S={s} positions but spatial_shapes sum to "
             f"sum(h*w)={sum(sizes)}"
         )
-    _last_checked = key
