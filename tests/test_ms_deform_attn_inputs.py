@@ -58,6 +58,12 @@ def _bad_cases():
         ("S mismatch", ValueError, f"S={s - 1}", (v[:, :-1], ss, lsi, loc, attn)),
         ("negative shape", ValueError, "must be positive", (v, -ss, lsi, loc, attn)),
         ("meta device", ValueError, "is on meta", (v, ss, lsi, loc.to("meta"), attn)),
+        (
+            "no levels",
+            ValueError,
+            "at least one level",
+            (v, ss[:0], lsi[:0], loc[:, :, :, :0], attn[:, :, :, :0]),
+        ),
     ]
 
 
@@ -231,6 +237,8 @@ def test_direct_op_calls_are_checked_in_cpp():
         op(value, ss, lsi, loc, attn[..., :1])
     with pytest.raises(RuntimeError, match="must share one dtype"):
         op(value, ss, lsi, loc.float(), attn)
+    with pytest.raises(ValueError, match="at least one level"):
+        op(value, ss[:0], lsi[:0], loc[:, :, :, :0], attn[:, :, :, :0])
     grad = torch.zeros(2, loc.shape[1], 3, dtype=value.dtype)
     with pytest.raises(RuntimeError, match="grad_output must be"):
         torch.ops.mrdetr.ms_deform_attn_backward(grad, value, ss, lsi, loc, attn)
