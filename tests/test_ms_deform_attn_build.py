@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrdetr.ops import _build
+from mrdetr.ops import _toolchain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(
     warnings.simplefilter("always")
     with warnings.catch_warnings(record=True) as caught:
         import mrdetr
-        from mrdetr.ops import _build
+        from mrdetr.ops import _build, _toolchain
         imported_clean = not _build._results
         args = make_inputs()
         out1 = mrdetr.ms_deform_attn(*args)
@@ -84,8 +84,8 @@ def test_prebuilt_cache_loads_without_a_compiler(tmp_path):
     result = run_child(tmp_path, env={"CXX": str(tmp_path / "no-compiler-here")})
     assert result["cpu"][0] is True and "loaded from the build cache" in result["cpu"][1]
     assert result["warnings"] == [] and result["max_err"] < 1e-12
-    for stamp in tmp_path.rglob("*.sha256"):  # sources changed: the cache must not be trusted
-        stamp.write_text("stale")
+    for stamp in tmp_path.rglob("*.stamp.json"):  # sources changed: the cache is not trusted
+        stamp.write_text(stamp.read_text().replace('"fingerprint": "', '"fingerprint": "stale'))
     result = run_child(tmp_path, env={"CXX": str(tmp_path / "no-compiler-here")})
     assert result["cpu"][0] is False and "no C++ compiler" in result["cpu"][1]
 
@@ -166,17 +166,17 @@ def test_find_cuda_home_follows_wrapper_scripts(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{wrappers}{os.pathsep}{os.environ['PATH']}")
-    root, how = _build.find_cuda_home()
+    root, how = _toolchain.find_cuda_home()
     assert root == str(toolkit), how
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "empty"))
-    root, how = _build.find_cuda_home()
+    root, how = _toolchain.find_cuda_home()
     assert root is None and "has no bin/nvcc" in how
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
-    assert _build.find_cuda_home() == (str(toolkit), "$CUDA_HOME")
+    assert _toolchain.find_cuda_home() == (str(toolkit), "$CUDA_HOME")
 
 
 def _cuda_toolchain_present():
-    return torch.version.cuda is not None and _build.find_cuda_home()[0] is not None
+    return torch.version.cuda is not None and _toolchain.find_cuda_home()[0] is not None
 
 
 @pytest.mark.skipif(
@@ -184,17 +184,31 @@ def _cuda_toolchain_present():
     reason="needs a CUDA build of torch and a CUDA toolkit (set MRDETR_REQUIRE_CUDA_BUILD=1 "
     "to make this a failure instead)",
 )
-def test_cuda_extension_compiles_links_and_registers(monkeypatch):
-    """Runs without a GPU: the kernels cannot run here, but build and registration can."""
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # one architecture keeps it short
-    from mrdetr.ops import build
-
-    status = build(cuda=True)
-    assert status["cuda"].available, status["cuda"].reason
-    for op in ("mrdetr::ms_deform_attn_forward", "mrdetr::ms_deform_attn_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+def test_cuda_extension_compiles_links_and_registers(tmp_path):
+    """Runs without a GPU: the kernels cannot run here, but build and registration can. The
+    CUDA library is built and loaded alone: it needs nothing from the CPU one."""
+    code = textwrap.dedent(
+        """
+        import json, torch
+        from mrdetr.ops import _build
+        ok, reason = _build.load("cuda")
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        ops = ("mrdetr::ms_deform_attn_forward", "mrdetr::ms_deform_attn_backward")
+        print(json.dumps({"ok": ok, "reason": reason, "cpu_tried": _build.status("cpu"),
+                          "cuda": [has(op, "CUDA") for op in ops],
+                          "cpu": [has(op, "CPU") for op in ops]}))
+        """
+    )
+    env = dict(os.environ, MRDETR_BUILD_DIR=os.environ.get("MRDETR_BUILD_DIR", str(tmp_path)))
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # one architecture keeps it short
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ok"], result["reason"]
+    assert result["cuda"] == [True, True]
+    assert result["cpu_tried"] is None and result["cpu"] == [False, False]
 
 
 def test_prebuild_command(tmp_path):
@@ -238,10 +252,12 @@ def test_wheel_ships_the_sources(tmp_path):
 def test_pip_ninja_is_found_off_path(monkeypatch):
     """An un-activated virtualenv: pip's ninja is not on PATH, the build puts it there."""
     ninja = pytest.importorskip("ninja")
-    real_which = _build.shutil.which
+    real_which = _toolchain.shutil.which
     monkeypatch.setattr(
-        _build.shutil, "which", lambda cmd, *a, **k: None if cmd == "ninja" else real_which(cmd)
+        _toolchain.shutil, "which", lambda cmd, *a, **k: None if cmd == "ninja" else real_which(cmd)
     )
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    assert _build._check_tools("cpu") is None
+    assert _toolchain.missing_tools("cpu") is None
+    assert os.environ["PATH"] == "/usr/bin:/bin", "a query must not change the environment"
+    _toolchain.cpp_extension("cpu")
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR

@@ -242,3 +242,20 @@ def test_non_finite_kernels_agree_with_reference(backend, dtype):
             continue
         assert torch.equal(e.isnan(), a.isnan()), name
         torch.testing.assert_close(a.nan_to_num(), e.nan_to_num(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_instead_of_returning_zeros(backend):
+    """create_graph=True works for first derivatives; a second derivative raises clearly."""
+    value, ss, lsi, loc, attn = make_inputs(device=backend)
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], ss, lsi, leaves[1], leaves[2], backend=backend)
+    first = torch.autograd.grad((out**2).sum(), leaves, create_graph=True)
+    ref_leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    ref_out = ms_deform_attn_reference(ref_leaves[0], ss, lsi, ref_leaves[1], ref_leaves[2])
+    ref_first = torch.autograd.grad((ref_out**2).sum(), ref_leaves, create_graph=True)
+    for a, e in zip(first, ref_first, strict=True):
+        torch.testing.assert_close(a, e)
+    assert ref_first[0].grad_fn is not None  # the reference does differentiate twice
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(first[1].sum(), leaves)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _build
+from . import _toolchain
 from .backends import available_backends, build
 
 
@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         results = build(cuda=args.cuda)
         failed = not all(st.available for st in results.values())
     else:
-        root, how = _build.find_cuda_home()
+        root, how = _toolchain.find_cuda_home()
         print(f"CUDA toolkit: {root or 'none'} ({how})")
+        print(f"CPU instruction set: {_toolchain.cpu_isa()[0]}")
         results, failed = available_backends(), False
     for name, st in results.items():
         print(f"{name:8s} {'available' if st.available else 'unavailable':12s} {st.reason}")

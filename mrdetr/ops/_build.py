@@ -1,29 +1,33 @@
-"""Just-in-time build of the C++/CUDA kernels, with a cache and a reason for every failure.
+"""Fingerprinted build cache of the C++/CUDA kernels, with a reason for every failure.
 
-Nothing here runs at ``import mrdetr``: the CPU extension is built on the first CPU call, the
-CUDA one on the first CUDA call. ``torch.utils.cpp_extension.load`` keeps the build in a
-directory per torch/CUDA/Python version (reused by later processes) and serialises concurrent
-builds of the same extension with a lock file in that directory.
+Nothing here runs at ``import mrdetr``: the CPU library is built on the first CPU call (or by
+:func:`mrdetr.ops.build`), the CUDA one on the first CUDA call. A library lives in
+``$MRDETR_BUILD_DIR/<torch, CUDA, Python versions>/<kind>-<instruction set>/``, next to a stamp
+holding the fingerprint of what it was built from (sources, flags, versions) and the size and
+SHA-256 of the library itself. A later process loads the library only when both match, so a
+stale, truncated or overwritten library is rebuilt instead of loaded (a truncated library
+kills the process with SIGBUS inside ``dlopen``). ``torch.utils.cpp_extension.load`` serialises
+concurrent builds of one folder with a lock file. Tools and flags come from ``_toolchain.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
+import json
 import os
-import re
-import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-__all__ = ["load", "status", "find_cuda_home", "sources_root", "build_directory"]
+from . import _toolchain
+
+__all__ = ["load", "status", "probe", "sources_root", "build_directory"]
 
 _lock = threading.RLock()
 _results: dict[str, tuple[bool, str]] = {}
-_EXEC = re.compile(r"""^\s*exec\s+["']?(/[^\s"']+)""", re.MULTILINE)
 
 
 def sources_root() -> Path:
@@ -37,104 +41,33 @@ def sources_root() -> Path:
     )
 
 
-def build_directory(kind: str) -> Path:
-    """Build folder of the ``kind`` ("cpu"/"cuda") extension, under ``$MRDETR_BUILD_DIR``."""
+def build_directory(kind: str, isa: str = "generic") -> Path:
+    """Build folder of the ``kind`` ("cpu"/"cuda") library for instruction set ``isa``.
+
+    Only computes the path: the folder is created by the build that needs it.
+    """
     base = os.environ.get("MRDETR_BUILD_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mrdetr"
     )
     cuda = torch.version.cuda or "cpu"
     py = f"{sys.version_info[0]}{sys.version_info[1]}"
     tag = f"torch{torch.__version__.split('+')[0]}-cu{cuda}-py{py}"
-    path = Path(base) / tag / kind
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(base) / tag / (kind if kind == "cuda" else f"{kind}-{isa}")
 
 
-def _real_nvcc(path: str, depth: int = 0) -> str:
-    """Follow symlinks and ``exec .../nvcc`` wrapper scripts to the toolkit's own nvcc."""
-    real = os.path.realpath(path)
-    if depth > 8:
-        return real
-    try:
-        with open(real, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return real
-    if not head.startswith(b"#!"):
-        return real  # a binary: the real compiler
-    match = _EXEC.search(head.decode("utf-8", "replace"))
-    return _real_nvcc(match.group(1), depth + 1) if match else real
-
-
-def find_cuda_home() -> tuple[str | None, str]:
-    """Locate the CUDA toolkit root, returning ``(root or None, how it was found / why not)``.
-
-    Order: ``$CUDA_HOME`` / ``$CUDA_PATH`` when they hold ``bin/nvcc``; the ``nvcc`` on ``PATH``,
-    followed through symlinks and wrapper scripts that ``exec`` the real one (torch guesses the
-    root from the wrapper's own folder, which is wrong for such wrappers); ``/usr/local/cuda``.
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(var)
-        if root:
-            if os.path.isfile(os.path.join(root, "bin", "nvcc")):
-                return root, f"${var}"
-            return None, f"${var}={root} has no bin/nvcc"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = _real_nvcc(nvcc)
-        root = os.path.dirname(os.path.dirname(real))
-        if os.path.isfile(os.path.join(root, "bin", "nvcc")):
-            return root, f"nvcc on PATH ({nvcc} -> {real})"
-    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda", "/usr/local/cuda"
-    return None, "no CUDA toolkit found (no nvcc on PATH, $CUDA_HOME unset, no /usr/local/cuda)"
-
-
-def _cpp_extension(cuda_home: str | None = None):
-    """Import ``torch.utils.cpp_extension`` with the right CUDA_HOME and without its log noise."""
-    if cuda_home:
-        os.environ["CUDA_HOME"] = cuda_home
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # "No CUDA runtime is found" is expected on build machines
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-    if cuda_home:
-        cpp_extension.CUDA_HOME = cuda_home  # it was read once, at import
-    return cpp_extension
-
-
-def _check_tools(kind: str) -> str | None:
-    """Why a ``kind`` build cannot start, or None; puts pip's ninja on PATH when it is off it."""
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler ({cxx!r} not found; set $CXX)"
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # the pip package: its binary sits in ninja.BIN_DIR
-        except ImportError:
-            return "ninja is not installed (pip install ninja)"
-        # an un-activated virtualenv has that folder off PATH, where torch looks for ninja
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    if kind == "cuda" and torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU-only build"
-    return None
-
-
-def _flags(kind: str) -> dict:
-    # -fopenmp: at::parallel_for is inlined from ATen's header; without the flag it runs on one
-    # thread inside an extension.
-    omp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    flags = {
-        "extra_cflags": ["-O3", *omp],
-        "extra_ldflags": list(omp),
-        "extra_include_paths": [str(sources_root())],
-    }
+def _variants(kind: str) -> list[tuple[str, list[str]]]:
+    """``(isa tag, flags)`` to try in order: this CPU's instruction set, then generic."""
     if kind == "cuda":
-        flags["extra_cuda_cflags"] = ["-O3", "--expt-relaxed-constexpr"]
-    return flags
+        return [("generic", [])]
+    tag, flags = _toolchain.cpu_isa()
+    return [(tag, flags)] + ([("generic", [])] if flags else [])
+
+
+def _sources(kind: str) -> list[Path]:
+    src = sources_root()
+    if kind == "cpu":
+        return [src / "cpu" / "ms_deform_attn_cpu.cpp"]
+    return [src / "cuda" / "ms_deform_attn_cuda.cu"]
 
 
 def _fingerprint(kind: str, flags: dict) -> str:
@@ -147,43 +80,75 @@ def _fingerprint(kind: str, flags: dict) -> str:
     return h.hexdigest()
 
 
-def _build(kind: str) -> tuple[bool, str]:
-    src = sources_root()
-    if kind == "cpu":
-        sources = [src / "ms_deform_attn.cpp", src / "cpu" / "ms_deform_attn_cpu.cpp"]
-    else:
-        ok, reason = load("cpu")  # the CPU extension defines the op schema
-        if not ok:
-            return False, f"the CPU extension, which defines the op schema, failed: {reason}"
-        sources = [src / "cuda" / "ms_deform_attn_cuda.cu"]
+def _file_digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return path.stat().st_size, h.hexdigest()
+
+
+def _read_stamp(stamp: Path) -> dict:
+    try:
+        data = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _verified(library: Path, stamp: Path, fingerprint: str) -> bool:
+    """The stamp matches these sources and the library's bytes are the ones that were built."""
+    data = _read_stamp(stamp)
+    if data.get("fingerprint") != fingerprint or not library.is_file():
+        return False
+    try:
+        if library.stat().st_size != data.get("size"):
+            return False  # cheap first: a truncated copy has the wrong size
+        return _file_digest(library) == (data.get("size"), data.get("sha256"))
+    except OSError:
+        return False
+
+
+def _write_stamp(library: Path, stamp: Path, fingerprint: str) -> None:
+    size, sha = _file_digest(library)
+    tmp = stamp.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "size": size, "sha256": sha}))
+    tmp.replace(stamp)  # atomic: readers see the old stamp or the new one
+
+
+def _paths(kind: str, isa: str) -> tuple[str, Path, Path, Path]:
     name = f"mrdetr_ms_deform_attn_{kind}"
-    flags = _flags(kind)
-    folder = build_directory(kind)
-    library, stamp = folder / f"{name}.so", folder / f"{name}.sha256"
+    folder = build_directory(kind, isa)
+    return name, folder, folder / f"{name}.so", folder / f"{name}.stamp.json"
+
+
+def _compile(kind: str, isa: str, isa_flags: list[str]) -> tuple[bool, str]:
+    name, folder, library, stamp = _paths(kind, isa)
+    flags = _toolchain.compile_flags(kind, isa_flags, str(sources_root()))
     fingerprint = _fingerprint(kind, flags)
     # A finished build of these exact sources loads without compiler, ninja or toolkit (runtime
-    # images pre-built with `python -m mrdetr.ops build`); the stamp is written only after a
-    # successful build, so a half-written library is never picked up here.
-    if library.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+    # images pre-built with `python -m mrdetr.ops build`).
+    if _verified(library, stamp, fingerprint):
         try:
             torch.ops.load_library(str(library))
-        except Exception:  # noqa: BLE001  a damaged library: remove it so ninja rebuilds it
-            library.unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001  e.g. a library of another glibc: rebuild it below
+            pass
         else:
-            _after_load(kind)
             return True, f"loaded from the build cache {library}"
-    missing = _check_tools(kind)
-    cuda_home, how = find_cuda_home() if kind == "cuda" else (None, "")
-    if kind == "cuda" and cuda_home is None:
-        missing = missing or how
+    missing = _toolchain.missing_tools(kind)
     if missing:
         return False, missing
-    cpp_extension = _cpp_extension(cuda_home)
-    stamp.unlink(missing_ok=True)  # no process trusts the library while it is rebuilt
     try:
-        cpp_extension.load(
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.unlink(missing_ok=True)  # no process trusts the library while it is rebuilt
+        library.unlink(missing_ok=True)  # ninja would keep a damaged one whose date is newer
+    except OSError as exc:
+        return False, f"the build directory {folder} is not usable ({exc}); set $MRDETR_BUILD_DIR"
+    ext = _toolchain.cpp_extension(kind)
+    try:
+        ext.load(
             name=name,
-            sources=[str(s) for s in sources],
+            sources=[str(s) for s in _sources(kind)],
             build_directory=str(folder),
             is_python_module=False,
             verbose=os.environ.get("MRDETR_VERBOSE_BUILD", "") not in ("", "0"),
@@ -192,23 +157,27 @@ def _build(kind: str) -> tuple[bool, str]:
     except Exception as exc:  # noqa: BLE001  a compiler error must never break the caller
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         detail = " | ".join(lines[-4:])[-600:] if lines else type(exc).__name__
-        return False, f"building {name} failed: {detail}"
-    tmp = stamp.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(fingerprint)
-    tmp.replace(stamp)
-    _after_load(kind)
+        return False, f"building {name} ({isa}) failed: {detail}"
+    _write_stamp(library, stamp, fingerprint)
     return True, f"built in {folder}"
 
 
-def _after_load(kind: str) -> None:
-    if kind == "cpu":
-        from . import _library
-
-        _library.register()
+def _build(kind: str) -> tuple[bool, str]:
+    failures = []
+    for isa, isa_flags in _variants(kind):
+        ok, reason = _compile(kind, isa, isa_flags)
+        if ok:
+            if failures:
+                reason += f" (the {failures[0][0]} build failed: {failures[0][1]})"
+            return True, reason
+        failures.append((isa, reason))
+        if not reason.startswith("building"):
+            break  # no tools or no folder: a generic build would fail the same way
+    return False, failures[-1][1] if len(failures) == 1 else failures[0][1]
 
 
 def load(kind: str) -> tuple[bool, str]:
-    """Build (first time) and load the ``kind`` extension; return ``(ok, reason)``. Cached."""
+    """Build (first time) and load the ``kind`` library; return ``(ok, reason)``. Cached."""
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
     with _lock:
@@ -218,5 +187,49 @@ def load(kind: str) -> tuple[bool, str]:
 
 
 def status(kind: str) -> tuple[bool, str] | None:
-    """The cached ``(ok, reason)`` of ``kind``'s build, or None when it was never tried."""
+    """The cached ``(ok, reason)`` of ``kind``'s build in this process, or None if never tried."""
     return _results.get(kind)
+
+
+def _writable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created and written, or None."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    try:  # os.access would say yes to root even where the file system refuses
+        tempfile.TemporaryDirectory(dir=probe).cleanup()
+    except OSError as exc:
+        return f"{probe} is not writable: {exc.strerror or exc}"
+    return None
+
+
+def probe(kind: str) -> tuple[bool, str, bool]:
+    """``(available, reason, built)`` of the ``kind`` library, without building or loading it.
+
+    ``built`` is True when it is loaded or a verified library sits in the cache.
+    """
+    if kind in _results:
+        ok, reason = _results[kind]
+        return ok, reason, ok
+    try:
+        variants = _variants(kind)
+    except ValueError as exc:
+        return False, str(exc), False
+    for isa, isa_flags in variants:
+        _, _, library, stamp = _paths(kind, isa)
+        flags = _toolchain.compile_flags(kind, isa_flags, str(sources_root()))
+        if _verified(library, stamp, _fingerprint(kind, flags)):
+            return True, f"built ({library}); loads on first use", True
+    missing = _toolchain.missing_tools(kind)
+    if missing:
+        return False, missing, False
+    folder = build_directory(kind, variants[0][0])
+    why = _writable(folder)
+    if why:
+        return False, f"the build directory {folder} is not usable ({why})", False
+    now = "build(cuda=True)" if kind == "cuda" else "build()"
+    return True, f"not built yet: builds on first use, or now with mrdetr.ops.{now}", False

@@ -1,21 +1,38 @@
-"""Python-side registrations for the compiled op: fake (meta) kernels and autograd.
+"""The ``mrdetr::ms_deform_attn_{forward,backward}`` ops: schema, fake kernels and autograd.
 
-The schema lives in C++ (``csrc/ms_deform_attn/ms_deform_attn.cpp``); once that library is
-loaded, :func:`register` teaches ``torch.compile`` the output shapes and autograd the backward op.
+All three are registered here, in Python, when ``mrdetr.ops`` is imported (the way
+pytorch/extension-cpp does it), before any compiled library exists. Each compiled library
+(``csrc/ms_deform_attn/cpu``, ``.../cuda``) then only adds its device's kernels with
+``TORCH_LIBRARY_IMPL``, so the CUDA library needs nothing from the CPU one and loading either
+needs no callback.
 """
 
 from __future__ import annotations
 
 import torch
 
-_registered = False
+FORWARD = "mrdetr::ms_deform_attn_forward"
+BACKWARD = "mrdetr::ms_deform_attn_backward"
+
+torch.library.define(
+    FORWARD,
+    "(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor sampling_locations, Tensor attention_weights) -> Tensor",
+)
+torch.library.define(
+    BACKWARD,
+    "(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)",
+)
 
 
+@torch.library.register_fake(FORWARD)
 def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     b, _, h, d = value.shape
     return value.new_empty((b, sampling_locations.shape[1], h * d))
 
 
+@torch.library.register_fake(BACKWARD)
 def _backward_fake(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
 ):
@@ -43,14 +60,19 @@ def _backward(ctx, grad_output):
     return grad_value, None, None, grad_loc, grad_attn
 
 
-def register() -> None:
-    """Register fake kernels and autograd for ``mrdetr::ms_deform_attn_{forward,backward}``."""
-    global _registered
-    if _registered:
-        return
-    torch.library.register_fake("mrdetr::ms_deform_attn_forward")(_forward_fake)
-    torch.library.register_fake("mrdetr::ms_deform_attn_backward")(_backward_fake)
-    torch.library.register_autograd(
-        "mrdetr::ms_deform_attn_forward", _backward, setup_context=_setup_context
+def _double_backward(ctx, grad_value, grad_loc, grad_attn):
+    raise RuntimeError(
+        "mrdetr: double backward (create_graph=True, then differentiating the gradients) "
+        "through the compiled ms_deform_attn kernels is not implemented; use "
+        "backend='pytorch' (the reference differentiates to any order)"
     )
-    _registered = True
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+# The backward op's outputs are differentiable in form only: without this, a second derivative
+# through the kernels would silently be zero.
+torch.library.register_autograd(BACKWARD, _double_backward, setup_context=_no_context)

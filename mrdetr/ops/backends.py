@@ -1,4 +1,4 @@
-"""Which ``ms_deform_attn`` backends can run here, and why the others cannot."""
+"""Which ``ms_deform_attn`` backends can run here and why the others cannot; building them."""
 
 from __future__ import annotations
 
@@ -12,40 +12,51 @@ __all__ = ["BackendStatus", "available_backends", "build"]
 
 
 class BackendStatus(NamedTuple):
-    """Whether a backend can run (``available``) and the reason (how it was built / why not)."""
+    """A backend's state.
+
+    ``available``: it runs here (now, or after its first-use build); ``reason``: how it was
+    built, what its first use will do, or why it cannot run; ``built``: it needs no compiling
+    (loaded, or a verified library in the build cache).
+    """
 
     available: bool
     reason: str
+    built: bool = False
 
 
 def available_backends() -> dict[str, BackendStatus]:
     """Status of every backend: ``{"pytorch": ..., "cpu": ..., "cuda": ...}``.
 
-    Builds the CPU extension (and the CUDA one when a GPU is visible) if that was not done yet,
-    so the first call may take a minute; later calls and processes reuse the build cache.
+    A pure query: it compiles and loads nothing (use :func:`build` or the first call for that).
+    A backend that is not built yet is reported ``available`` when its toolchain is present,
+    with ``built=False``; a build can still fail on a compiler error, which the first call then
+    reports.
     """
-    out = {"pytorch": BackendStatus(True, "pure-PyTorch reference, always available")}
-    out["cpu"] = BackendStatus(*_build.load("cpu"))
-    if torch.cuda.is_available():
-        out["cuda"] = BackendStatus(*_build.load("cuda"))
-    else:
+    out = {"pytorch": BackendStatus(True, "pure-PyTorch reference, always available", True)}
+    out["cpu"] = BackendStatus(*_build.probe("cpu"))
+    if torch.version.cuda is None:
+        out["cuda"] = BackendStatus(False, f"torch {torch.__version__} is a CPU-only build")
+    elif not torch.cuda.is_available():
+        _, reason, built = _build.probe("cuda")
         why = "no CUDA device visible (torch.cuda.is_available() is False)"
-        if torch.version.cuda is None:
-            why = f"torch {torch.__version__} is a CPU-only build"
-        out["cuda"] = BackendStatus(False, why)
+        out["cuda"] = BackendStatus(False, f"{why}; library: {reason}", built)
+    else:
+        out["cuda"] = BackendStatus(*_build.probe("cuda"))
     return out
 
 
 def build(cuda: bool = False) -> dict[str, BackendStatus]:
-    """Build the CPU extension (and the CUDA one with ``cuda=True``, GPU or not) into the cache.
+    """Build and load the CPU library (and the CUDA one with ``cuda=True``, GPU or not).
 
     Meant for Docker images: ``python -m mrdetr.ops build --cuda`` at image build time, with
-    ``TORCH_CUDA_ARCH_LIST`` set to the target GPUs when the build machine has none.
+    ``TORCH_CUDA_ARCH_LIST`` set to the target GPUs when the build machine has none. The CUDA
+    library does not need the CPU one.
 
     Returns:
         ``{"cpu": BackendStatus, "cuda": BackendStatus}`` (``"cuda"`` only when asked).
     """
-    out = {"cpu": BackendStatus(*_build.load("cpu"))}
-    if cuda:
-        out["cuda"] = BackendStatus(*_build.load("cuda"))
+    out = {}
+    for kind in ("cpu", "cuda") if cuda else ("cpu",):
+        ok, reason = _build.load(kind)
+        out[kind] = BackendStatus(ok, reason, ok)
     return out
