@@ -47,7 +47,9 @@ def build_baseline(rev: str) -> str:
             tar.extractall(folder, filter="data")
         (folder / "csrc" / "ms_deform_attn").rename(src / "ms_deform_attn")
     root = src / "ms_deform_attn"
-    sources = [root / "ms_deform_attn.cpp", root / "cpu" / "ms_deform_attn_cpu.cpp"]
+    # The kernels only: the op schema comes from `import mrdetr.ops` (Python) in the worker, so a
+    # revision's C++ schema file (ms_deform_attn.cpp, before it moved to Python) is left out.
+    sources = [root / "cpu" / "ms_deform_attn_cpu.cpp"]
     code = (
         "import sys; from torch.utils import cpp_extension; "
         "cpp_extension.load(name=sys.argv[1], sources=sys.argv[4:], build_directory=sys.argv[2], "
