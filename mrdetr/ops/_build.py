@@ -12,6 +12,7 @@ concurrent builds of one folder with a lock file. Tools and flags come from ``_t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -140,10 +141,42 @@ def _compile(kind: str, isa: str, isa_flags: list[str]) -> tuple[bool, str]:
         return False, missing
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.unlink(missing_ok=True)  # no process trusts the library while it is rebuilt
-        library.unlink(missing_ok=True)  # ninja would keep a damaged one whose date is newer
+        with _folder_lock(folder):
+            return _compile_locked(kind, isa, name, folder, library, stamp, flags, fingerprint)
     except OSError as exc:
         return False, f"the build directory {folder} is not usable ({exc}); set $MRDETR_BUILD_DIR"
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` (POSIX ``flock``) while checking and building.
+
+    Without it, a process that finds no verified library could delete the one another process
+    is linking or loading.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's own lock file still serialises the compiler
+        yield
+        return
+    with open(folder / "mrdetr.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _compile_locked(kind, isa, name, folder, library, stamp, flags, fingerprint):
+    if _verified(library, stamp, fingerprint):  # another process finished it meanwhile
+        try:
+            torch.ops.load_library(str(library))
+        except Exception:  # noqa: BLE001  verified but not loadable here: rebuild it
+            pass
+        else:
+            return True, f"loaded from the build cache {library}"
+    stamp.unlink(missing_ok=True)  # no process trusts the library while it is rebuilt
+    library.unlink(missing_ok=True)  # ninja would keep a damaged one whose date is newer
     ext = _toolchain.cpp_extension(kind)
     try:
         ext.load(
