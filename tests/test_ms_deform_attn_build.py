@@ -92,7 +92,7 @@ def test_prebuilt_cache_loads_without_a_compiler(tmp_path):
 
 def test_damaged_cache_is_rebuilt(tmp_path):
     run_child(tmp_path)
-    (so,) = tmp_path.rglob("mrdetr_ms_deform_attn_cpu.so")
+    (so,) = tmp_path.rglob("mrdetr_ms_deform_attn_cpu*.so")
     so.write_bytes(b"not a shared library")
     result = run_child(tmp_path)
     assert result["cpu"][0] is True and result["cpu"][1].startswith("built in"), result["cpu"]
@@ -117,7 +117,7 @@ def test_two_processes_building_at_once(tmp_path):
 
 @pytest.mark.parametrize(
     "toolchain, reason",
-    [("missing", "no C++ compiler"), ("broken", "building mrdetr_ms_deform_attn_cpu failed")],
+    [("missing", "no C++ compiler"), ("broken", "building mrdetr_ms_deform_attn_cpu")],
 )
 def test_broken_toolchain_falls_back_with_one_warning(tmp_path, toolchain, reason):
     if toolchain == "missing":

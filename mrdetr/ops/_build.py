@@ -118,7 +118,8 @@ def _write_stamp(library: Path, stamp: Path, fingerprint: str) -> None:
 
 
 def _paths(kind: str, isa: str) -> tuple[str, Path, Path, Path]:
-    name = f"mrdetr_ms_deform_attn_{kind}"
+    # one name per instruction set: torch renames a second build of one name in a process
+    name = "mrdetr_ms_deform_attn_cuda" if kind == "cuda" else f"mrdetr_ms_deform_attn_{kind}_{isa}"
     folder = build_directory(kind, isa)
     return name, folder, folder / f"{name}.so", folder / f"{name}.stamp.json"
 
@@ -206,7 +207,9 @@ def _build(kind: str) -> tuple[bool, str]:
         failures.append((isa, reason))
         if not reason.startswith("building"):
             break  # no tools or no folder: a generic build would fail the same way
-    return False, failures[-1][1] if len(failures) == 1 else failures[0][1]
+    if len(failures) == 1:
+        return False, failures[0][1]
+    return False, f"{failures[0][1]} (the generic build failed too)"
 
 
 def load(kind: str) -> tuple[bool, str]:
