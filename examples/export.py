@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     # checked at another batch size and a non-square image (stride-32 levels need sides > 32)
     images = torch.rand(b + 1, 3, s + 32, max(s - 16, 40), generator=g)
     dims = ({0: Dim("batch"), 2: Dim("height", min=33), 3: Dim("width", min=33)},)
-    with torch.no_grad():
+    with torch.inference_mode():
         expected = model(images)
     program = torch.export.export(model, (example,), dynamic_shapes=dims)
     torch.export.save(program, out / "model.pt2")
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     print(f"export at {tuple(example.shape)}, check at {tuple(images.shape)}; files in {out}/")
     print(f"{'runtime':<14}{'max |diff| vs eager':>22}{'median ms':>12}")
     failed = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for name, fn in runtimes.items():
             diff, ok = within(fn(), expected, args.atol, args.rtol)
             ms = median_ms(fn, args.runs)
