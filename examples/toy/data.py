@@ -223,12 +223,18 @@ def batch(data: DetectionData, indices, flips=None) -> tuple[torch.Tensor, list[
 
     ``flips`` (optional bools, one per index) mirrors images and boxes horizontally.
     """
-    imgs, targets = [], []
+    imgs, targets, mask_list = [], [], []
     for j, i in enumerate(indices):
         img, box = data.images[i], data.boxes[i].copy()
+        masks = None if data.masks is None else data.masks[i]  # [n, S, S] bool (synthetic data)
         if flips is not None and flips[j]:
             img, box[:, 0] = img[:, ::-1], 1.0 - box[:, 0]
+            masks = None if masks is None else masks[:, :, ::-1]
+        mask_list.append(masks)
         imgs.append(torch.from_numpy(np.ascontiguousarray(img)))
         targets.append({"labels": torch.from_numpy(data.labels[i]), "boxes": torch.from_numpy(box)})
+    for t, masks in zip(targets, mask_list, strict=True):
+        if masks is not None:
+            t["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
     x = torch.stack(imgs).permute(0, 3, 1, 2).float() / 255.0
     return (x - 0.5) / 0.25, targets

@@ -23,10 +23,12 @@ from torch import Tensor, nn
 
 from mrdetr import MultiRouteDecoder, MultiScaleDeformableAttention, routes
 from mrdetr.layers import inverse_sigmoid
+from mrdetr.segmentation import MaskHead
 
 __all__ = ["ROUTE_SETS", "ToyDETR", "ToyDETRConfig", "build_model", "route_set"]
 
-ROUTE_SETS = {"baseline": routes.baseline, "mr_detr": routes.mr_detr}
+ROUTE_SETS = {"baseline": routes.baseline, "mr_detr": routes.mr_detr,
+              "mr_detr_moe": routes.mr_detr_moe}  # fmt: skip
 """Route presets selectable by name (``--routes``); add an entry to register another."""
 
 
@@ -34,8 +36,8 @@ def route_set(name: str, num_instruction_tokens: int = 10):
     """The route tuple of preset ``name`` (a key of :data:`ROUTE_SETS`)."""
     if name not in ROUTE_SETS:
         raise ValueError(f"routes must be one of {sorted(ROUTE_SETS)}, got {name!r}")
-    if name == "mr_detr":
-        return routes.mr_detr(num_instruction_tokens)
+    if name in ("mr_detr", "mr_detr_moe"):
+        return ROUTE_SETS[name](num_instruction_tokens)
     return ROUTE_SETS[name]()
 
 
@@ -55,6 +57,7 @@ class ToyDETRConfig:
     num_instruction_tokens: int = 10
     two_stage: bool = False
     backbone_width: int = 32
+    masks: bool = False
 
     def to_dict(self) -> dict:
         """The settings as a plain dict (for ``results.json`` and checkpoints)."""
@@ -155,6 +158,8 @@ class ToyDETR(nn.Module):
         self.query_pos_head = mlp([2 * d, d, d])
         self.class_head = nn.Linear(d, cfg.num_classes)
         self.box_heads = nn.ModuleList(mlp([d, d, d, 4]) for _ in range(cfg.num_decoder_layers))
+        if cfg.masks:  # one mask head shared by every route (mrdetr.segmentation)
+            self.mask_head = MaskHead(d, levels, cfg.num_heads, conv_dim=max(d // 2, 8))
         # proposal groups: the primary's, plus one per route with instruction tokens (two-stage)
         self.proposal_owner = {r.name: "primary" for r in self.route_set}
         if cfg.two_stage:
@@ -237,7 +242,7 @@ class ToyDETR(nn.Module):
         """See the class docstring."""
         memory, shapes, starts = self.encode(images)
         names = [r.name for r in self.route_set]
-        names = names if self.decoder.training else names[:1]
+        names = names if self.decoder.training else names[: len(self.decoder.eval_route_names)]
         b, (q, d) = images.shape[0], self.query.shape
         if self.cfg.two_stage:
             props = self.proposals(memory, shapes, sorted({self.proposal_owner[n] for n in names}))
@@ -256,6 +261,12 @@ class ToyDETR(nn.Module):
             query_pos_head=lambda r: self.query_pos_head(sine_embed(r, self.cfg.dim // 2)),
         )
         outputs = {}
+        masks = None
+        if self.cfg.masks:  # last layer of every route, packed: [R*B, Q, C] -> [R, B, Q, h, w]
+            hid = out.hidden_states[-1]
+            masks = self.mask_head(hid.flatten(0, 1), memory, shapes, starts)
+            masks = masks.view(*hid.shape[:3], *masks.shape[-2:])
+        moe = self.decoder.moe_losses() if self.decoder.training else {}
         for i, name in enumerate(names):
             layers = []
             for l, (hid, rp) in enumerate(
@@ -264,6 +275,10 @@ class ToyDETR(nn.Module):
                 boxes = (self.box_heads[l](hid[i]) + inverse_sigmoid(rp[i])).sigmoid()
                 layers.append({"pred_logits": self.class_head(hid[i]), "pred_boxes": boxes})
             outputs[name] = {**layers[-1], "aux_outputs": layers[:-1]}
+            if masks is not None:
+                outputs[name]["pred_masks"] = masks[i]
+            if name in moe:
+                outputs[name]["loss_moe"] = moe[name]
             if self.cfg.two_stage and self.proposal_owner[name] == name:
                 outputs[name]["enc_outputs"] = props[name][0]
         return outputs

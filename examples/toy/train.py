@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from mrdetr import HungarianMatcher, MultiRouteCriterion, OneToManyMatcher, RouteMatcher
+from mrdetr.segmentation import MaskLoss
 
 from .data import DetectionData, batch
 from .evaluate import evaluate
@@ -78,7 +79,9 @@ def build_criterion(model, train_cfg: TrainConfig) -> MultiRouteCriterion:
         model.route_set, HungarianMatcher(), OneToManyMatcher(k=train_cfg.o2m_k)
     )
     weights = {r.name: train_cfg.aux_route_weight for r in model.route_set[1:]}
-    return MultiRouteCriterion(model.cfg.num_classes, matcher, route_weights=weights)
+    mask_loss = MaskLoss(num_points=1024) if model.cfg.masks else None
+    return MultiRouteCriterion(model.cfg.num_classes, matcher, route_weights=weights,
+                               mask_loss=mask_loss)  # fmt: skip
 
 
 def _lr_lambda(cfg: TrainConfig):
