@@ -64,6 +64,7 @@ def test_o2m_route_predictions_survive_nms(data):
     assert model.training and model.decoder.eval_route_names == ("primary",)  # restored
 
 
+@pytest.mark.slow
 def test_paper_columns_and_mask_stats_run_on_the_val_set(data):
     model = tiny("mr_detr", masks=True, num_classes=data.num_classes)
     cols = paper_columns(model, data, nms_iou=0.7)
