@@ -16,31 +16,19 @@ script needs to change.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import tempfile
+from pathlib import Path
 
 import torch
 
-from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes
-from mrdetr.adapters.hf_models import hf_deformable_detr, random_detection_batch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-try:
-    from tqdm import tqdm
-except ImportError:  # tqdm is optional
-    tqdm = None
+from hf_common import check_and_summarise, log, per_route, steps_bar  # noqa: E402
+
+from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes  # noqa: E402
+from mrdetr.adapters.hf_models import hf_deformable_detr, random_detection_batch  # noqa: E402
 
 CLASSES = 3
-
-
-def per_route(losses: dict, criterion: MultiRouteCriterion, names) -> dict[str, float]:
-    """Weighted loss of every route (all its layers and terms) from the criterion's dict."""
-    total = {name: 0.0 for name in names}
-    for key, value in losses.items():
-        if key != "loss":
-            term, tag = key.split("/")[:2]
-            total[tag.split(":")[0]] += criterion.term_weights[term] * value.item()
-    return total
 
 
 def train(steps: int, seed: int = 0, quiet: bool = False):
@@ -53,8 +41,7 @@ def train(steps: int, seed: int = 0, quiet: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # after wrap: sees the route params
     pixels, targets = random_detection_batch(num_labels=CLASSES, seed=seed)
     history = []
-    bar = range(steps) if tqdm is None or quiet else tqdm(range(steps), file=sys.stdout)
-    for _ in bar:
+    for _ in steps_bar(steps, quiet):
         out = model(pixels)  # the primary route's outputs, as before
         extra = adapters.route_outputs(model)  # mrdetr
         outputs = adapters.hf_route_predictions(model, extra, out)  # mrdetr
@@ -64,8 +51,7 @@ def train(steps: int, seed: int = 0, quiet: bool = False):
         opt.step()
         history.append(per_route(losses, criterion, [r.name for r in route_set]))
         if not quiet:
-            line = "  ".join(f"{k} {v:7.3f}" for k, v in history[-1].items())
-            print(line) if tqdm is None else tqdm.write(line, file=sys.stdout)
+            log("  ".join(f"{k} {v:7.3f}" for k, v in history[-1].items()))
     return model, keys, history
 
 
@@ -75,38 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     model, keys, history = train(args.steps)
     pixels, _ = random_detection_batch(num_labels=CLASSES, seed=1)
-
-    model.eval()
-    plain = adapters.unwrap(copy.deepcopy(model))
-    with torch.no_grad():
-        wrapped_out, plain_out = model(pixels), plain(pixels)
-    eval_equal = all(
-        torch.equal(getattr(wrapped_out, k), getattr(plain_out, k))
-        for k in ("logits", "pred_boxes")
-    )
-
-    adapters.unwrap(model)  # mrdetr: a plain HF checkpoint again
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        loaded = type(model).from_pretrained(tmp).eval()
-    keys_equal = list(loaded.state_dict()) == keys
-    with torch.no_grad():
-        out = loaded(pixels)
-    reload_equal = all(
-        torch.equal(getattr(out, k), getattr(plain_out, k)) for k in ("logits", "pred_boxes")
-    )
-
-    first, last = history[0], history[-1]
-    summary = dict(eval_equal=eval_equal, keys_equal=keys_equal, reload_equal=reload_equal,
-                   first=first, last=last)  # fmt: skip
-    print(
-        f"steps {args.steps}: primary loss {first['primary']:.3f} -> {last['primary']:.3f}, "
-        f"eval == unwrapped: {eval_equal}, save/from_pretrained keys == original: {keys_equal}, "
-        f"outputs == unwrapped: {reload_equal}"
-    )
-    if not (eval_equal and keys_equal and reload_equal):
-        sys.exit(1)
-    return summary
+    return check_and_summarise(model, keys, history, args.steps, pixels)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def convert_reference_layer(
 
     Args:
         state_dict: the layer's tensors, keys relative to the layer (``attentions.0.attn...``,
-            see :data:`REFERENCE_LAYER_KEYS`; layout in ``DESIGN.md``).
+            see :data:`REFERENCE_LAYER_KEYS`; layout in ``docs/routes.md``).
         ffn_route: name of the route with its own FFN (Route-1) in the target route set.
         instruct_route: name of the route with instruction tokens (Route-3).
 

@@ -1,4 +1,5 @@
-"""Reference checkpoint conversion against a small reference layer written from DESIGN.md."""
+"""Reference checkpoint conversion against a small reference layer written from the documented
+key layout (docs/routes.md)."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Independent oracles for the matcher tests (plain formulas, image by image), plus self-checks.
 
-Written from the definitions in DESIGN.md / DETR, not from the library's code.
+Written from the method's definitions (docs/matching.md) and DETR, not from the library's code.
 """
 
 import itertools
