@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.export import Dim
 
 from mrdetr import MultiRouteDecoder, routes
 
@@ -50,6 +51,25 @@ class DecoderWithHeads(nn.Module):
         ref = out.reference_points[-1, 0]
         box = (self.box_heads[-1](last) + torch.logit(ref.clamp(1e-5, 1 - 1e-5))).sigmoid()
         return self.class_head(last), box
+
+
+def stripped_decoder():
+    """A seeded :class:`DecoderWithHeads`, stripped to the primary route, in eval mode, and the
+    ``dynamic_shapes`` of its inputs (batch, queries and memory positions vary)."""
+    torch.manual_seed(0)
+    model = DecoderWithHeads()
+    model.decoder.strip_auxiliary()
+    model.eval()
+    batch, queries = Dim("batch"), Dim("queries")
+    dyn = (
+        {0: batch, 1: queries},
+        {0: batch, 1: queries},
+        {0: batch, 1: Dim("positions")},
+        None,
+        None,
+        {0: batch},
+    )
+    return model, dyn
 
 
 def decoder_inputs(batch, queries, levels, embed_dim=32, seed=0):

@@ -17,7 +17,13 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-from _export import DecoderWithHeads, decoder_inputs, level_inputs, run_onnxruntime  # noqa: E402
+from _export import (  # noqa: E402
+    DecoderWithHeads,
+    decoder_inputs,
+    level_inputs,
+    run_onnxruntime,
+    stripped_decoder,
+)
 
 from mrdetr import MultiScaleDeformableAttention  # noqa: E402
 from mrdetr.export import export_onnx  # noqa: E402
@@ -130,19 +136,7 @@ def test_attention_module_dynamic_batch_queries_and_image_size():
 
 @pytest.mark.slow
 def test_stripped_decoder_with_refinement_dynamic_shapes(tmp_path):
-    torch.manual_seed(0)
-    model = DecoderWithHeads()
-    model.decoder.strip_auxiliary()
-    model.eval()
-    batch, queries = Dim("batch"), Dim("queries")
-    dyn = (
-        {0: batch, 1: queries},
-        {0: batch, 1: queries},
-        {0: batch, 1: Dim("positions")},
-        None,
-        None,
-        {0: batch},
-    )
+    model, dyn = stripped_decoder()
     path = tmp_path / "decoder.onnx"
     export_onnx(model, decoder_inputs(2, 6, ((8, 8), (4, 4))), path, dynamic_shapes=dyn)
     import onnx

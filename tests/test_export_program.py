@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _export import DecoderWithHeads, decoder_inputs, level_inputs
+from _export import DecoderWithHeads, decoder_inputs, level_inputs, stripped_decoder
 from torch.export import Dim
 
 from mrdetr import MultiScaleDeformableAttention
@@ -34,19 +34,7 @@ def test_attention_module_exports_with_dynamic_batch_queries_and_image_size():
 
 @pytest.mark.slow
 def test_stripped_decoder_exports_saves_and_loads(tmp_path):
-    torch.manual_seed(0)
-    model = DecoderWithHeads()
-    model.decoder.strip_auxiliary()
-    model.eval()
-    batch, queries = Dim("batch"), Dim("queries")
-    dyn = (
-        {0: batch, 1: queries},
-        {0: batch, 1: queries},
-        {0: batch, 1: Dim("positions")},
-        None,
-        None,
-        {0: batch},
-    )
+    model, dyn = stripped_decoder()
     with torch.inference_mode():
         program = torch.export.export(
             model, decoder_inputs(2, 6, ((8, 8), (4, 4))), dynamic_shapes=dyn
