@@ -134,10 +134,12 @@ def test_broken_toolchain_falls_back_with_one_warning(tmp_path, toolchain, reaso
     assert result["max_err"] == 0.0  # the reference itself ran
 
 
-def test_forced_backend_without_kernel_raises(tmp_path):
+def forced_cpu_child(**env: str) -> subprocess.CompletedProcess:
+    """Call the op with ``backend="cpu"`` in a child process with ``env`` added to the
+    environment; its stdout holds ``RAISED <message>`` when the call raised a RuntimeError."""
     code = textwrap.dedent(
         """
-        import sys, torch; sys.path.insert(0, {tests!r}); from _msda import make_inputs
+        import sys; sys.path.insert(0, {tests!r}); from _msda import make_inputs
         import mrdetr
         try:
             mrdetr.ms_deform_attn(*make_inputs(), backend="cpu")
@@ -145,8 +147,12 @@ def test_forced_backend_without_kernel_raises(tmp_path):
             print("RAISED", e)
         """
     ).format(tests=str(ROOT / "tests"))
-    env = dict(os.environ, MRDETR_BUILD_DIR=str(tmp_path), CXX=str(tmp_path / "nope"))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_forced_backend_without_kernel_raises(tmp_path):
+    out = forced_cpu_child(MRDETR_BUILD_DIR=str(tmp_path), CXX=str(tmp_path / "nope"))
     assert "RAISED" in out.stdout and "no C++ compiler" in out.stdout, out.stdout + out.stderr
 
 

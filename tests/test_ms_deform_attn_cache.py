@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 import pytest
-from test_ms_deform_attn_build import ROOT, run_child
+from test_ms_deform_attn_build import ROOT, forced_cpu_child, run_child
 
 from mrdetr.ops import _build, _toolchain
 
@@ -84,18 +84,7 @@ def test_unusable_build_dir_falls_back_or_explains(tmp_path, where):
     assert result["max_err"] == 0.0
     available, reason, _ = _query(build_dir)["status"]["cpu"]
     assert not available and "build directory" in reason, reason
-    code = textwrap.dedent(
-        """
-        import sys; sys.path.insert(0, {tests!r}); from _msda import make_inputs
-        import mrdetr
-        try:
-            mrdetr.ms_deform_attn(*make_inputs(), backend="cpu")
-        except RuntimeError as e:
-            print("RAISED", e)
-        """
-    ).format(tests=str(ROOT / "tests"))
-    env = dict(os.environ, MRDETR_BUILD_DIR=str(build_dir))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = forced_cpu_child(MRDETR_BUILD_DIR=str(build_dir))
     assert out.returncode == 0 and "RAISED" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "build directory" in out.stdout
 
