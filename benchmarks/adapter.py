@@ -1,10 +1,11 @@
 """Benchmark: the adapter's routes and fast attention on HF transformers' Deformable-DETR.
 
 A random-init ``DeformableDetrForObjectDetection`` (6 encoder + 6 decoder layers, d256, 8 heads,
-FFN 1024, 300 queries, 4 levels, box refinement + two-stage; a small ResNet backbone built by
-transformers), batch 2 of 320x320 images, CPU. One training step = forward, per-route
-predictions from the model's heads, ``MultiRouteCriterion`` (Hungarian for the primary route,
-one-to-many for the auxiliary ones), backward. Configurations, timed interleaved in one run:
+FFN 1024, 300 queries, 4 levels, box refinement + two-stage; transformers' ResNet-50 backbone, or
+with ``--backbone small`` a basic-block ResNet of widths 32-128), batch 2 of 320x320 images, CPU.
+One training step = forward, per-route predictions from the model's heads,
+``MultiRouteCriterion`` (Hungarian for the primary route, one-to-many for the auxiliary ones),
+backward. Configurations, timed interleaved in one run:
 
 - ``unwrapped``: the HF model, primary route only (the baseline);
 - ``adapter``: ``mrdetr.adapters.wrap`` with Mr. DETR's three routes, packed;
@@ -12,14 +13,25 @@ one-to-many for the auxiliary ones), backward. Configurations, timed interleaved
   called once per route (each auxiliary route with its own FFN / norm / instruction tokens
   swapped in, attending through the shared weights);
 - ``unwrapped + fast``: the baseline after ``use_fast_deformable_attention`` (encoder and
-  decoder deformable sampling on mrdetr's CPU kernel instead of transformers' ``grid_sample``).
+  decoder deformable sampling on mrdetr's CPU kernel instead of transformers' ``grid_sample``);
+- ``adapter + fast``: both.
+
+The decoder's own share of the unwrapped step (forward + backward of the decoder alone on the
+inputs the model gives it) is printed too: three routes cost at least about twice that share on
+top of the unwrapped step, whatever the packing does.
+
+``--tuned-malloc`` reruns the script with glibc's ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` raised, so freed large blocks stay in the process instead of going
+back to the kernel (with the defaults every large temporary of transformers' pure-PyTorch
+deformable attention is fresh memory, page-faulted again on every call).
 
 Times are medians over ``--reps`` interleaved repetitions after ``--warmup``; ratios from the
 minima are printed too (robust to other processes on a shared machine).
 
 Usage::
 
-    python benchmarks/adapter.py [--reps 5] [--warmup 1] [--threads 2]
+    python benchmarks/adapter.py [--reps 5] [--warmup 3] [--threads 2] [--backbone resnet50|small]
+        [--tuned-malloc]
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -40,13 +54,17 @@ from mrdetr.layers.attention_weights import attention_weights, instructive_atten
 
 CLASSES = 80
 ROUTES = routes.mr_detr()
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "137438953472"}
 
 
-def build():
+def build(backbone: str = "resnet50"):
+    """The benchmarked model; ``backbone``: ``"resnet50"`` (transformers' default ResNet-50, as
+    in the published models) or ``"small"`` (a basic-block ResNet of widths 32-128)."""
+    sizes = dict(backbone="resnet50") if backbone == "resnet50" else dict(backbone_width=32)
     return hf_deformable_detr(
         d_model=256, encoder_layers=6, decoder_layers=6, num_heads=8, ffn_dim=1024,
         num_queries=300, num_labels=CLASSES, num_points=4, with_box_refine=True, two_stage=True,
-        dropout=0.0, backbone_width=32,
+        dropout=0.0, **sizes,
     )  # fmt: skip
 
 
@@ -126,18 +144,53 @@ def reference_outputs(model, aux, pixels) -> tuple[object, RouteOutputs]:
     return out, RouteOutputs(ROUTES, torch.cat(hidden, 1), {}, torch.cat(refs, 1))
 
 
+def _decoder_seconds(model, pixels, warmup: int, reps: int) -> float:
+    """Median seconds of the unwrapped decoder's forward + backward on the inputs the model
+    gives it (the part of the step that routes multiply)."""
+    captured = {}
+    hook = model.model.decoder.register_forward_pre_hook(
+        lambda _m, _a, kw: captured.update(kw), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(pixels)
+    finally:
+        hook.remove()
+    inputs = {
+        k: v.detach().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
+        for k, v in captured.items()
+    }
+    times = []
+    for rep in range(warmup + reps):
+        t = time.perf_counter()
+        out = model.model.decoder(**inputs)
+        (out.intermediate_hidden_states.sum() + out.intermediate_reference_points.sum()).backward()
+        if rep >= warmup:
+            times.append(time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backbone", choices=("resnet50", "small"), default="resnet50")
+    parser.add_argument(
+        "--tuned-malloc", action="store_true", help="glibc keeps freed large blocks (docstring)"
+    )
     args = parser.parse_args()
+    if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
+    tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
     torch.set_num_threads(args.threads)
     pixels, targets = random_detection_batch(batch=2, image_size=320, num_labels=CLASSES)
 
-    plain = build()
+    plain = build(args.backbone)
     fast = adapters.use_fast_deformable_attention(copy.deepcopy(plain), backend="cpu")
     wrapped = adapters.wrap(copy.deepcopy(plain), ROUTES)
+    wrapped_fast = adapters.use_fast_deformable_attention(copy.deepcopy(wrapped), backend="cpu")
     ref_model = copy.deepcopy(wrapped)
     aux = [dict(a.items()) for a in ref_model.model.decoder.mrdetr_routes.aux]
     adapters.unwrap(ref_model)
@@ -152,6 +205,7 @@ def main() -> None:
         "adapter": (wrapped, adapter_outputs),
         "reference": (ref_model, lambda m, p: reference_outputs(m, aux, p)),
         "unwrapped + fast": (fast, primary_outputs),
+        "adapter + fast": (wrapped_fast, adapter_outputs),
     }
 
     def step(name):
@@ -168,6 +222,7 @@ def main() -> None:
         want = reference_outputs(ref_model, aux, pixels)[1].hidden_states
     agree = torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     print(f"  adapter routes == reference-way routes (fp32 tolerance): {agree}", flush=True)
+    decoder_share = _decoder_seconds(plain, pixels, args.warmup, args.reps)
     times = {name: [] for name in configs}
     for rep in range(args.warmup + args.reps):
         for name in configs:
@@ -177,13 +232,17 @@ def main() -> None:
                 times[name].append(dt)
     base = statistics.median(times["unwrapped"])
     base_min = min(times["unwrapped"])
-    print(f"HF Deformable-DETR 6+6 layers d256, 300 queries, batch 2, 320x320, CPU "
-          f"{args.threads} threads; train step (forward + criterion + backward), "
-          f"median of {args.reps} after {args.warmup} warm-up")  # fmt: skip
+    malloc = "tuned" if tuned else "defaults"
+    print(f"HF Deformable-DETR ({args.backbone} backbone) 6+6 layers d256, 300 queries, "
+          f"batch 2, 320x320, CPU "
+          f"{args.threads} threads, glibc malloc {malloc}; train step (forward + criterion + "
+          f"backward), median of {args.reps} after {args.warmup} warm-up")  # fmt: skip
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:18s} {med * 1e3:8.0f} ms   x{med / base:5.2f} (median)   "
               f"x{min(ts) / base_min:5.2f} (min)")  # fmt: skip
+    print(f"  decoder alone (unwrapped, forward + backward): {decoder_share * 1e3:.0f} ms = "
+          f"{decoder_share / base:.2f} of the unwrapped step")  # fmt: skip
     fast_ratio = statistics.median(times["unwrapped"]) / statistics.median(
         times["unwrapped + fast"]
     )

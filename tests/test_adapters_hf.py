@@ -201,3 +201,20 @@ def test_hf_route_predictions_rejects_other_models():
     model(random_detection_batch()[0])
     with pytest.raises(TypeError, match="DeformableDetrForObjectDetection or"):
         adapters.hf_route_predictions(torch.nn.Linear(2, 2), adapters.route_outputs(model))
+
+
+def test_builder_resnet50_backbone_and_its_errors():
+    model = hf_deformable_detr(backbone="resnet50")
+    cfg = model.config.backbone_config
+    assert (cfg.layer_type, list(cfg.depths), list(cfg.hidden_sizes)) == (
+        "bottleneck",
+        [3, 4, 6, 3],
+        [256, 512, 1024, 2048],
+    )
+    pixels, _ = random_detection_batch(batch=2, image_size=128, num_labels=3)
+    with torch.no_grad():
+        assert model.eval()(pixels).logits.shape == (2, 10, 3)
+    with pytest.raises(ValueError, match="backbone must be 'basic' or 'resnet50', got 'r18'"):
+        hf_deformable_detr(backbone="r18")
+    with pytest.raises(ValueError, match="backbone_width=32"):
+        hf_deformable_detr(backbone="resnet50", backbone_width=32)

@@ -35,6 +35,12 @@ def _resnet(config_cls, width: int, depth: int):
     )
 
 
+def _resnet50(config_cls):
+    """transformers' default ResNet-50 (bottleneck blocks 3-4-6-3, widths 256-2048), stages 2-4
+    (strides 8, 16, 32): the backbone ``DeformableDetrConfig`` uses when none is given."""
+    return config_cls(layer_type="bottleneck", out_features=["stage2", "stage3", "stage4"])
+
+
 def _check_positive(**values: int) -> None:
     for name, v in values.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -57,6 +63,7 @@ def hf_deformable_detr(
     dropout: float = 0.0,
     backbone_width: int = 16,
     backbone_depth: int = 1,
+    backbone: str = "basic",
     seed: int = 0,
 ) -> nn.Module:
     """A random-init ``transformers.DeformableDetrForObjectDetection`` (train mode).
@@ -71,12 +78,17 @@ def hf_deformable_detr(
         with_box_refine: iterative box refinement (``model.model.decoder.bbox_embed``).
         two_stage: encoder proposals (requires ``with_box_refine``, as in transformers).
         dropout: the config's ``dropout`` (transformers' default is 0.1).
-        backbone_width, backbone_depth: ResNet stage widths ``w, 2w, 4w, 4w`` and blocks per stage.
+        backbone_width, backbone_depth: ResNet stage widths ``w, 2w, 4w, 4w`` and blocks per
+            stage of the ``"basic"`` backbone.
+        backbone: ``"basic"`` (the small basic-block ResNet above) or ``"resnet50"``
+            (transformers' default ResNet-50, the backbone of the published models, random
+            init; ``backbone_width``/``backbone_depth`` must then keep their defaults).
         seed: ``torch.manual_seed`` before building (the global RNG is changed).
 
     Raises:
         ValueError: non-positive sizes, ``d_model`` not a multiple of 32 or of ``num_heads``,
-            ``two_stage`` without ``with_box_refine``.
+            ``two_stage`` without ``with_box_refine``, an unknown ``backbone``, or
+            ``backbone_width``/``backbone_depth`` given with ``backbone="resnet50"``.
     """
     _check_positive(
         d_model=d_model, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
@@ -90,9 +102,20 @@ def hf_deformable_detr(
         )
     if two_stage and not with_box_refine:
         raise ValueError("two_stage=True needs with_box_refine=True (as in transformers)")
+    if backbone not in ("basic", "resnet50"):
+        raise ValueError(f"backbone must be 'basic' or 'resnet50', got {backbone!r}")
+    if backbone == "resnet50" and (backbone_width, backbone_depth) != (16, 1):
+        raise ValueError(
+            "backbone_width/backbone_depth size the 'basic' backbone only, got "
+            f"backbone_width={backbone_width}, backbone_depth={backbone_depth} with 'resnet50'"
+        )
     tf = require_transformers()
     config = tf.DeformableDetrConfig(
-        backbone_config=_resnet(tf.ResNetConfig, backbone_width, backbone_depth),
+        backbone_config=(
+            _resnet50(tf.ResNetConfig)
+            if backbone == "resnet50"
+            else _resnet(tf.ResNetConfig, backbone_width, backbone_depth)
+        ),
         d_model=d_model,
         encoder_layers=encoder_layers,
         decoder_layers=decoder_layers,

@@ -81,6 +81,14 @@ def _gather(chunks: list[Tensor], idx: tuple[int, ...], dim: int) -> Tensor:
     return chunks[idx[0]] if len(idx) == 1 else torch.cat([chunks[i] for i in idx], dim)
 
 
+def _slice(x: Tensor, layout: RouteLayout, idx: tuple[int, ...], dim: int) -> Tensor:
+    """Routes ``idx`` of packed ``x`` along ``dim``: a view when they are adjacent (no copy)."""
+    if list(idx) == list(range(idx[0], idx[-1] + 1)):
+        start = sum(layout.sizes[: idx[0]])
+        return x.narrow(dim, start, sum(layout.sizes[i] for i in idx))
+    return _gather(split(x, layout, dim), idx, dim)
+
+
 class _RoutedForward:
     """``forward`` of a module some routes own: host module on the sharing routes' slices, each
     owner's copy (``aux[layer][route].<slot>[index]``) on its own slice."""
@@ -92,7 +100,6 @@ class _RoutedForward:
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         layout, plan = self.state.layout, self.state.plan
         dim, sizes = layout.query_dim, layout.sizes
-        chunks = split(x, layout, dim)
         outs: list[Tensor | None] = [None] * layout.num_routes
         for g in plan.groups(self.sublayer, layout.num_routes):
             if g.owner is None:
@@ -100,7 +107,7 @@ class _RoutedForward:
             else:
                 fn = getattr(self.state.aux[self.layer][g.owner], self.slot)
                 fn = fn if self.index is None else fn[self.index]
-            y = fn(_gather(chunks, g.routes, dim), *args, **kwargs)
+            y = fn(_slice(x, layout, g.routes, dim), *args, **kwargs)
             parts = [y] if len(g.routes) == 1 else y.split([sizes[i] for i in g.routes], dim)
             for i, part in zip(g.routes, parts, strict=True):
                 outs[i] = part

@@ -71,23 +71,24 @@ def route_predictions(
         if box_heads is None:
             raise ValueError("box_heads must be given when outputs carry no refined boxes")
         heads = _per_layer(box_heads, n, "box_heads")
+    per_layer = []  # every route at once: one head call per layer, [R, B, Q, ...]
+    for i in range(n):
+        h = hidden[i]  # [R, B, Q, C]
+        if boxes is not None:
+            b = boxes[i]
+        elif refs is not None:
+            delta, ref = heads[i](h), inverse_sigmoid(refs[i])
+            if ref.shape[-1] == 2:  # centre only
+                delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
+            else:
+                delta = delta + ref
+            b = delta.sigmoid()
+        else:
+            b = heads[i](h).sigmoid()
+        per_layer.append((cls[i](h), b))
     result = {}
     for r, route in enumerate(routes):
-        layers = []
-        for i in range(n):
-            h = hidden[i, r]  # [B, Q, C]
-            if boxes is not None:
-                b = boxes[i, r]
-            elif refs is not None:
-                delta, ref = heads[i](h), inverse_sigmoid(refs[i, r])
-                if ref.shape[-1] == 2:  # centre only
-                    delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
-                else:
-                    delta = delta + ref
-                b = delta.sigmoid()
-            else:
-                b = heads[i](h).sigmoid()
-            layers.append({"pred_logits": cls[i](h), "pred_boxes": b})
+        layers = [{"pred_logits": logits[r], "pred_boxes": b[r]} for logits, b in per_layer]
         result[route.name] = {**layers[-1], "aux_outputs": layers[:-1]}
     if enc_outputs is not None:
         result[routes[0].name]["enc_outputs"] = dict(enc_outputs)
