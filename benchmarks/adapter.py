@@ -2,7 +2,8 @@
 
 A random-init ``DeformableDetrForObjectDetection`` (6 encoder + 6 decoder layers, d256, 8 heads,
 FFN 1024, 300 queries, 4 levels, box refinement + two-stage; transformers' ResNet-50 backbone, or
-with ``--backbone small`` a basic-block ResNet of widths 32-128), batch 2 of 320x320 images, CPU.
+with ``--backbone small`` a basic-block ResNet of widths 32-128), batch 2 of 320x320 images
+(``--image-size``), CPU.
 One training step = forward, per-route predictions from the model's heads,
 ``MultiRouteCriterion`` (Hungarian for the primary route, one-to-many for the auxiliary ones),
 backward. Configurations, timed interleaved in one run:
@@ -31,7 +32,7 @@ minima are printed too (robust to other processes on a shared machine).
 Usage::
 
     python benchmarks/adapter.py [--reps 5] [--warmup 3] [--threads 2] [--backbone resnet50|small]
-        [--tuned-malloc]
+        [--image-size 320] [--tuned-malloc]
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--backbone", choices=("resnet50", "small"), default="resnet50")
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="glibc keeps freed large blocks (docstring)"
@@ -185,7 +187,8 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
     torch.set_num_threads(args.threads)
-    pixels, targets = random_detection_batch(batch=2, image_size=320, num_labels=CLASSES)
+    size = args.image_size
+    pixels, targets = random_detection_batch(batch=2, image_size=size, num_labels=CLASSES)
 
     plain = build(args.backbone)
     fast = adapters.use_fast_deformable_attention(copy.deepcopy(plain), backend="cpu")
@@ -234,7 +237,7 @@ def main() -> None:
     base_min = min(times["unwrapped"])
     malloc = "tuned" if tuned else "defaults"
     print(f"HF Deformable-DETR ({args.backbone} backbone) 6+6 layers d256, 300 queries, "
-          f"batch 2, 320x320, CPU "
+          f"batch 2, {size}x{size}, CPU "
           f"{args.threads} threads, glibc malloc {malloc}; train step (forward + criterion + "
           f"backward), median of {args.reps} after {args.warmup} warm-up")  # fmt: skip
     for name, ts in times.items():

@@ -1,5 +1,6 @@
 """MaskHungarianMatcher: masks decide when boxes and classes cannot; no masks = HungarianMatcher."""
 
+import pytest
 import torch
 
 from mrdetr.matching import HungarianMatcher
@@ -37,3 +38,31 @@ def test_without_pred_masks_it_is_the_hungarian_matcher():
     b = HungarianMatcher()(outputs, targets)
     for (p1, g1), (p2, g2) in zip(a, b, strict=True):
         assert torch.equal(p1, p2) and torch.equal(g1, g2)
+
+
+def test_mask_path_follows_the_single_thread_rule_and_restores(monkeypatch):
+    """The mask costs run under the matchers' one-thread rule on CPU (as every other matcher),
+    and the caller's thread count comes back, also when a target's masks are malformed."""
+    from mrdetr.segmentation import matcher as matcher_module
+
+    seen = []
+    original = matcher_module.pairwise_mask_costs
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(matcher_module, "pairwise_mask_costs", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outputs = {"pred_logits": torch.zeros(1, 4, 2), "pred_boxes": torch.full((1, 4, 4), 0.5),
+                   "pred_masks": torch.zeros(1, 4, 8, 8)}  # fmt: skip
+        target = {"labels": torch.zeros(2, dtype=torch.long), "boxes": torch.full((2, 4), 0.5)}
+        MaskHungarianMatcher(num_points=16)(outputs, [{**target, "masks": torch.ones(2, 8, 8) > 0}])
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match=r"'masks' must be \[N=2, H, W\]"):
+            MaskHungarianMatcher(num_points=16)(outputs, [{**target, "masks": torch.ones(3, 8, 8)}])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..matching.base import single_thread
 from ..matching.hungarian import HungarianMatcher, MatchIndices, empty_indices, solve_blocks
 from ..matching.inputs import check_predictions, pack_targets
 from .losses import pairwise_mask_costs
@@ -62,8 +63,17 @@ class MaskHungarianMatcher(HungarianMatcher):
             )
         if packed.max_size == 0 or q == 0:
             return [empty_indices(logits.device) for _ in range(b)]
+        with single_thread(logits.device):  # the matchers' threading rule (matching/base.py)
+            cost = self._mask_cost(logits.detach(), pboxes.detach(), pred_masks, packed, targets)
+            return solve_blocks(
+                cost.float().cpu().numpy(), packed.sizes, logits.device, logits, pboxes, who
+            )
+
+    def _mask_cost(self, logits, pboxes, pred_masks, packed, targets) -> Tensor:
+        """``[B, N, Q]``: the box/class cost plus the weighted mask BCE and dice costs."""
+        who = type(self).__name__
         labels, boxes, _ = packed.padded()
-        cost = self.cost_matrix(logits.detach(), pboxes.detach(), labels, boxes)  # [B, N, Q]
+        cost = self.cost_matrix(logits, pboxes, labels, boxes)  # [B, N, Q]
         for i, t in enumerate(targets):
             n = packed.sizes[i]
             if n == 0:
@@ -74,6 +84,4 @@ class MaskHungarianMatcher(HungarianMatcher):
                 raise ValueError(f"{who}: image {i}: 'masks' must be [N={n}, H, W], received {got}")
             bce, dice = pairwise_mask_costs(pred_masks[i].detach(), masks, self.num_points)
             cost[i, :n] += (self.cost_mask * bce + self.cost_dice * dice).T.to(cost.dtype)
-        return solve_blocks(
-            cost.float().cpu().numpy(), packed.sizes, logits.device, logits, pboxes, who
-        )
+        return cost
