@@ -62,6 +62,9 @@ def test_o2m_route_predictions_survive_nms(data):
         off_diag = ~torch.eye(len(labels), dtype=torch.bool)
         assert not (iou[same & off_diag] > 0.5).any()
     assert model.training and model.decoder.eval_route_names == ("primary",)  # restored
+    model.decoder.set_eval_routes(["aux_ffn"])  # a caller's own choice survives the call
+    predict_route(model, images, "aux_instruct")
+    assert model.decoder.eval_route_names == ("primary", "aux_ffn")
 
 
 @pytest.mark.slow

@@ -43,14 +43,14 @@ def predict_route(
     with ``nms_iou`` class-aware NMS on them, then the ``top_k`` best survivors. Returns per image
     ``(scores [k], labels [k], boxes [k, 4] cxcywh, mask_logits [k, h, w] or None)``.
     """
-    was_training = model.training
+    was_training, eval_routes = model.training, model.decoder.eval_route_names[1:]
     model.eval()
     try:
-        if route != "primary":
-            model.decoder.set_eval_routes([route])
+        if route != "primary" and route not in eval_routes:
+            model.decoder.set_eval_routes([*eval_routes, route])
         out = model(images)[route]
     finally:
-        model.decoder.set_eval_routes()
+        model.decoder.set_eval_routes(eval_routes)  # the caller's choice, restored
         model.train(was_training)
     logits, boxes = out["pred_logits"], out["pred_boxes"]
     b, q, k = logits.shape
