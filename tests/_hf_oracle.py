@@ -1,6 +1,8 @@
 """Unpacked oracle for the HF adapter tests: each route run as its own plain pass through a copy
 of the unwrapped HF model with that route's modules swapped in; the instruction route's
-attention written out with matmul + softmax through the host's own q/k/v/o projections."""
+attention written out with matmul + softmax through the host's own q/k/v/o projections.
+Works on transformers 4.57 (``out_proj``, ``fc1``/``fc2`` on the layer) and 5.x (``o_proj``,
+``mlp``)."""
 
 from __future__ import annotations
 
@@ -15,15 +17,17 @@ from mrdetr import adapters
 class InstructHFAttention(nn.Module):
     """HF DETR-family self-attention with instruction tokens in front of keys and values."""
 
-    def __init__(self, host: nn.Module, tokens, tokens_pos) -> None:
+    def __init__(self, host: nn.Module, tokens, tokens_pos, num_heads: int) -> None:
         super().__init__()
-        self.host = host
+        self.host, self.num_heads = host, num_heads
+        out = getattr(host, "o_proj", None)  # 5.x
+        self.out = out if out is not None else host.out_proj  # 4.57
         self.tokens, self.tokens_pos = tokens.detach().clone(), tokens_pos.detach().clone()
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         h = self.host
         b, q, c = hidden_states.shape
-        heads = h.config.decoder_attention_heads
+        heads = self.num_heads
         n = self.tokens.shape[0]
         qk = hidden_states if position_embeddings is None else hidden_states + position_embeddings
         keys_in = torch.cat([(self.tokens + self.tokens_pos).expand(b, n, c), qk], 1)
@@ -38,7 +42,7 @@ class InstructHFAttention(nn.Module):
         if attention_mask is not None:
             logits = logits + torch.nn.functional.pad(attention_mask, (n, 0))
         out = (logits.softmax(-1) @ value).transpose(1, 2).reshape(b, q, c)
-        return h.o_proj(out), None
+        return self.out(out), None
 
 
 def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
@@ -51,16 +55,21 @@ def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
     adapters.unwrap(model)
     if route_index == 0:
         return model
+    heads = decoder.config.decoder_attention_heads
     for layer, owned in zip(decoder.layers, aux, strict=True):
         own = owned.get(route.name)
         if own is None:
             continue
         if hasattr(own, "self_attn_norm"):
             layer.self_attn_layer_norm = own.self_attn_norm
-        if hasattr(own, "ffn"):
-            layer.mlp = own.ffn[0]
+        if hasattr(own, "ffn") and hasattr(layer, "mlp"):  # 5.x
+            (layer.mlp,) = own.ffn
+        elif hasattr(own, "ffn"):  # 4.57: the FFN's linears on the layer
+            layer.fc1, layer.fc2 = own.ffn
         if hasattr(own, "tokens"):
-            layer.self_attn = InstructHFAttention(layer.self_attn, own.tokens, own.tokens_pos)
+            layer.self_attn = InstructHFAttention(
+                layer.self_attn, own.tokens, own.tokens_pos, heads
+            )
     return model
 
 
@@ -70,3 +79,17 @@ def randomise(module: nn.Module, scale: float = 0.05, seed: int = 0) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def save_pretrained_kwargs(make, path) -> dict:
+    """``save_pretrained`` arguments that work for a never-wrapped model from ``make()`` (saved
+    to ``path``): transformers 4.57 cannot write a box-refining Deformable-DETR as safetensors
+    (its box heads are shared between the detector and its decoder), wrapped or not, and needs
+    ``safe_serialization=False``; 5.x writes it as safetensors (``{}``)."""
+    try:
+        make().save_pretrained(path)
+    except RuntimeError as err:
+        if "shared tensors" not in str(err):
+            raise
+        return {"safe_serialization": False}
+    return {}

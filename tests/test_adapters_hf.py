@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _hf_oracle import randomise, route_copy  # noqa: E402
+from _hf_oracle import randomise, route_copy, save_pretrained_kwargs  # noqa: E402
 
 from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes  # noqa: E402
 from mrdetr.adapters.hf_models import (  # noqa: E402
@@ -133,8 +133,9 @@ def test_gradients_reach_new_and_shared_parameters(builder):
     new = _aux_only(model)
     assert new and all(p.grad is not None and p.grad.abs().sum() > 0 for p in new.values())
     layer = next(m for m in model.modules() if "mrdetr_routes" in m._modules).layers[0]
+    fc1 = layer.mlp.fc1 if hasattr(layer, "mlp") else layer.fc1  # transformers 5.x / 4.57
     for p in (layer.self_attn.q_proj.weight, layer.encoder_attn.value_proj.weight,
-              layer.mlp.fc1.weight, layer.final_layer_norm.weight):  # fmt: skip
+              fc1.weight, layer.final_layer_norm.weight):  # fmt: skip
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
@@ -153,6 +154,7 @@ def test_primary_loss_leaves_auxiliary_parameters_without_gradient():
 def test_unwrap_save_pretrained_from_pretrained_round_trip(builder, tmp_path):
     make = {"deformable": lambda: hf_deformable_detr(with_box_refine=True, two_stage=True),
             "rt_detr": hf_rt_detr}[builder]  # fmt: skip
+    save_kwargs = save_pretrained_kwargs(make, tmp_path / "plain")
     model = make()
     keys = list(model.state_dict())
     adapters.wrap(model, ROUTES)
@@ -165,12 +167,37 @@ def test_unwrap_save_pretrained_from_pretrained_round_trip(builder, tmp_path):
     opt.step()
     adapters.unwrap(model)
     assert list(model.state_dict()) == keys
-    model.save_pretrained(tmp_path)
-    loaded = type(model).from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path / "unwrapped", **save_kwargs)
+    loaded = type(model).from_pretrained(tmp_path / "unwrapped")
     assert list(loaded.state_dict()) == keys
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(pixels).logits, model(pixels).logits)
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor) or x is None:
+        return [x]
+    return [t for v in (x.values() if isinstance(x, dict) else x) for t in _tensors(v)]
+
+
+@pytest.mark.parametrize("builder", ["deformable", "rt_detr"])
+def test_return_dict_false_and_hidden_states_equal_unwrapped(builder):
+    """A tuple when the caller asks for one (transformers 4.57's decoders take return_dict and
+    return a tuple themselves), with every layer's states: the unwrapped model's, entry by entry."""
+    make = {"deformable": lambda: _wrapped(hf_deformable_detr, with_box_refine=True),
+            "rt_detr": lambda: _wrapped(hf_rt_detr)}[builder]  # fmt: skip
+    model = make()
+    plain = route_copy(model, 0)
+    pixels, _ = random_detection_batch()
+    got = model(pixels, return_dict=False, output_hidden_states=True)
+    assert adapters.route_outputs(model).hidden_states.shape[1] == len(ROUTES)
+    want = plain(pixels, return_dict=False, output_hidden_states=True)
+    assert isinstance(got, tuple) and len(got) == len(want)
+    got, want = _tensors(got), _tensors(want)
+    assert len(got) == len(want) > model.config.decoder_layers  # the layers' states are in it
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # None (4.57's tuples) == None
 
 
 def test_bare_decoder_and_deepcopy():

@@ -2,17 +2,21 @@
 (DINO-style denoising) decoders, and the helper that feeds their routes to the criterion.
 
 What is wrapped, per decoder layer (``DeformableDetrDecoderLayer`` / ``RTDetrDecoderLayer``):
-``self_attn`` (separate ``q_proj``/``k_proj``/``v_proj``/``o_proj``; routes folded into the
-batch, the instruction route through the same projections), ``self_attn_layer_norm`` (the
-instruction route's own copy) and ``mlp`` (transformers 5.x; ``fc1``/``fc2`` on the layer in
-4.x): the FFN-owning route's own copy. ``encoder_attn`` (the deformable cross-attention),
-``encoder_attn_layer_norm``, ``final_layer_norm``, the box heads of iterative refinement and
-RT-DETR's ``query_pos_head`` run once over every route's queries.
+``self_attn`` (separate ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``out_proj`` in 4.57;
+routes folded into the batch, the instruction route through the same projections),
+``self_attn_layer_norm`` (the instruction route's own copy) and ``mlp`` (transformers 5.x;
+``fc1``/``fc2`` on the layer in 4.57): the FFN-owning route's own copy. ``encoder_attn`` (the
+deformable cross-attention), ``encoder_attn_layer_norm``, ``final_layer_norm``, the box heads of
+iterative refinement and RT-DETR's ``query_pos_head`` run once over every route's queries.
 
-Tiled per route (query axis): ``inputs_embeds``, ``object_queries_position_embeddings`` and
+Tiled per route (query axis): ``inputs_embeds``, the query positions
+(``object_queries_position_embeddings``; ``position_embeddings`` in 4.57) and
 ``reference_points``. RT-DETR's contrastive denoising queries (``dn`` leading queries, present
 when ``labels`` are passed in training) stay in the primary route only: they keep their
 attention mask and never see another route's queries or instruction tokens.
+
+Supported: transformers 4.57 and 5.x; what differs between them is recognised in one place,
+:mod:`mrdetr.adapters.hf_compat`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from .hf_compat import layer_ffn, layer_hidden, query_position_arg, request_model_output
 from .integration import QueryTilingIntegration, RouteOutputs
 from .packing import RouteLayout, split, tile
 from .predictions import route_predictions
@@ -101,7 +106,6 @@ class _HFDecoderIntegration(QueryTilingIntegration):
     """Shared by the HF families: modules per layer, the attention call, output slicing."""
 
     decoder_class = ""
-    query_inputs = ("inputs_embeds", "object_queries_position_embeddings", "reference_points")
 
     def find_decoder(self, model: nn.Module) -> nn.Module | None:
         found = [m for m in model.modules() if _is_hf(m, self.decoder_class)]
@@ -112,11 +116,14 @@ class _HFDecoderIntegration(QueryTilingIntegration):
     def layer_modules(self, decoder: nn.Module) -> list[LayerModules]:
         mods = []
         for layer in decoder.layers:
-            ffn = (layer.mlp,) if hasattr(layer, "mlp") else (layer.fc1, layer.fc2)  # 5.x / 4.x
             mods.append(LayerModules(
-                layer, layer.self_attn, layer.self_attn_layer_norm, ffn, layer.final_layer_norm
+                layer, layer.self_attn, layer.self_attn_layer_norm, layer_ffn(layer),
+                layer.final_layer_norm,
             ))  # fmt: skip
         return mods
+
+    def layer_hidden(self, decoder: nn.Module, layer_output) -> Tensor:
+        return layer_hidden(layer_output)
 
     def attention_call(self, host: LayerModules) -> HFSelfAttentionCall:
         return HFSelfAttentionCall(host.self_attn)
@@ -135,19 +142,24 @@ class _HFDecoderIntegration(QueryTilingIntegration):
         length = a["inputs_embeds"].shape[1]
         dn = self.num_denoising(decoder, length)
         layout = RouteLayout(num_routes, length - dn, dn, 1)
-        self._pass = {"layout": layout, "reference_points": a["reference_points"]}
-        for name in self.query_inputs:
-            if a.get(name) is not None:
+        self._pass = {
+            "layout": layout,
+            "reference_points": a["reference_points"],
+            "as_tuple": request_model_output(decoder, a),  # packed output: always a ModelOutput
+        }
+        for name in ("inputs_embeds", query_position_arg(decoder), "reference_points"):
+            if name is not None and a.get(name) is not None:
                 a[name] = tile(a[name], layout, 1)
         return bound.args[1:], bound.kwargs, layout
 
     def split_outputs(self, decoder, output, layout: RouteLayout, hidden):
-        aux = {
-            r.name: _slice_output(output, layout, i)
-            for i, r in enumerate(decoder.mrdetr_routes.routes[1:], start=1)
-        }
+        def route(i):
+            part = _slice_output(output, layout, i)
+            return part.to_tuple() if self._pass["as_tuple"] else part  # as the caller asked
+
+        aux = {r.name: route(i) for i, r in enumerate(decoder.mrdetr_routes.routes[1:], start=1)}
         self._pass["output"] = output
-        return _slice_output(output, layout, 0), aux
+        return route(0), aux
 
     def route_geometry(self, first: Tensor, output, layout: RouteLayout) -> dict[str, Tensor]:
         """``reference_points`` / ``boxes`` of :class:`RouteOutputs`, from the decoder's input

@@ -2,13 +2,15 @@
 
 Both builders use a small ``ResNetConfig`` backbone built by transformers itself (no timm, no
 torchvision, no pretrained weights) and build in well under a second at the default sizes.
-transformers is the optional ``hf`` extra: it is imported when a builder is called.
+transformers (4.57 or 5.x) is the optional ``hf`` extra: it is imported when a builder is called.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from .hf_compat import backbone_config_kwargs
 
 __all__ = ["hf_deformable_detr", "hf_rt_detr", "random_detection_batch", "require_transformers"]
 
@@ -19,7 +21,8 @@ def require_transformers():
         import transformers
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "this needs HF transformers: pip install 'mrdetr[hf]' (transformers>=4.57)"
+            "this needs HF transformers: pip install 'mrdetr[hf]' (transformers>=4.57; tested "
+            "with 4.57 and 5.x)"
         ) from err
     return transformers
 
@@ -132,6 +135,7 @@ def hf_deformable_detr(
         with_box_refine=with_box_refine,
         two_stage=two_stage,
         dropout=dropout,
+        **backbone_config_kwargs(tf.DeformableDetrConfig),
     )
     torch.manual_seed(seed)
     return tf.DeformableDetrForObjectDetection(config).train()
@@ -195,6 +199,7 @@ def hf_rt_detr(
         decoder_n_points=num_points,
         num_denoising=num_denoising,
         dropout=dropout,
+        **backbone_config_kwargs(tf.RTDetrConfig),
     )
     torch.manual_seed(seed)
     return tf.RTDetrForObjectDetection(config).train()
