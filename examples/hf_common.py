@@ -44,6 +44,18 @@ def _equal(a, b) -> bool:
     return all(torch.equal(getattr(a, k), getattr(b, k)) for k in FIELDS)
 
 
+def save_pretrained(model, folder: str) -> None:
+    """``model.save_pretrained(folder)``; transformers 4.57 cannot write a box-refining
+    Deformable-DETR as safetensors (its box heads are shared between the detector and its
+    decoder, wrapped or not), so there it falls back to its PyTorch format, as 4.57 users do."""
+    try:
+        model.save_pretrained(folder)
+    except RuntimeError as err:
+        if "shared tensors" not in str(err):
+            raise
+        model.save_pretrained(folder, safe_serialization=False)
+
+
 def check_and_summarise(model, keys: list[str], history: list[dict], steps: int, pixels) -> dict:
     """Check the wrapped ``model`` against its unwrapped self on ``pixels (Tensor[B, 3, H, W])``,
     unwrap it, round-trip it through ``save_pretrained``/``from_pretrained`` (``keys``: the
@@ -56,7 +68,7 @@ def check_and_summarise(model, keys: list[str], history: list[dict], steps: int,
 
     adapters.unwrap(model)  # mrdetr: a plain HF checkpoint again
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         loaded = type(model).from_pretrained(tmp).eval()
     keys_equal = list(loaded.state_dict()) == keys
     with torch.no_grad():

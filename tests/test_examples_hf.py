@@ -13,20 +13,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _hf_oracle import save_pretrained_kwargs  # noqa: E402
-
-from mrdetr.adapters.hf_models import hf_deformable_detr  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def skip_unless_example_saves(name, path):
-    """The examples save with plain ``save_pretrained`` (safetensors): transformers 4.57 cannot
-    do that for the box-refining Deformable-DETR of hf_deformable_detr.py, wrapped or not."""
-    if name == "hf_deformable_detr":
-        make = lambda: hf_deformable_detr(with_box_refine=True, two_stage=True)  # noqa: E731
-        if save_pretrained_kwargs(make, path):
-            pytest.skip("transformers cannot save a box-refining Deformable-DETR as safetensors")
 
 
 def load(name):
@@ -40,7 +28,6 @@ def load(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf_deformable_detr", "hf_rt_detr"])
 def test_example_trains_every_route_and_round_trips(name, capsys, tmp_path):
-    skip_unless_example_saves(name, tmp_path)
     summary = load(name).main(["--steps", "2"])
     assert summary["eval_equal"] and summary["keys_equal"] and summary["reload_equal"]
     for route in ("primary", "aux_ffn", "aux_instruct"):  # every route has a loss each step
@@ -52,7 +39,6 @@ def test_example_trains_every_route_and_round_trips(name, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_example_exits_non_zero_on_a_mismatch(monkeypatch, tmp_path):
-    skip_unless_example_saves("hf_deformable_detr", tmp_path)
     ex = load("hf_deformable_detr")
     real_equal = torch.equal
     monkeypatch.setattr(ex.torch, "equal", lambda a, b: real_equal(a, b) and False)
