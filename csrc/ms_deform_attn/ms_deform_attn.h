@@ -135,6 +135,38 @@ MRDETR_HD void point_forward(const scalar_t* v, int64_t pixel_stride, const Bili
   }
 }
 
+// The gradients of a point that reads no pixel: NaN for a NaN location, zero for a point wholly
+// outside the map (even with a NaN weight). Returns false, writing nothing, when at least one
+// corner is in the map (the gradients then come from point_gradients).
+template <typename acc_t>
+MRDETR_HD bool pixelless_point_gradients(const Bilinear<acc_t>& b, acc_t* grad_loc_x,
+                                         acc_t* grad_loc_y, acc_t* grad_attn) {
+  if (b.nan) {
+    *grad_loc_x = *grad_loc_y = *grad_attn = quiet_nan<acc_t>();
+    return true;
+  }
+  if (b.offset[0] < 0 && b.offset[1] < 0 && b.offset[2] < 0 && b.offset[3] < 0) {
+    *grad_loc_x = *grad_loc_y = *grad_attn = acc_t(0);
+    return true;
+  }
+  return false;
+}
+
+// Location and weight gradients of a point from dot[c] = <g, v_c> for its corners (0 for the
+// corners outside the map).
+template <typename acc_t>
+MRDETR_HD void point_gradients(const Bilinear<acc_t>& b, acc_t attn, const acc_t* dot,
+                               int64_t height, int64_t width, acc_t* grad_loc_x,
+                               acc_t* grad_loc_y, acc_t* grad_attn) {
+  const acc_t hx = acc_t(1) - b.lx, hy = acc_t(1) - b.ly;
+  *grad_attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] +
+               b.weight[3] * dot[3];
+  *grad_loc_x = attn * static_cast<acc_t>(width) *
+                (hy * (dot[1] - dot[0]) + b.ly * (dot[3] - dot[2]));
+  *grad_loc_y = attn * static_cast<acc_t>(height) *
+                (hx * (dot[2] - dot[0]) + b.lx * (dot[3] - dot[1]));
+}
+
 // Backward of one sampling point over its D channels, given g = grad_output[b, q, h, 0:D].
 //   grad_value[corner c, d] += attn * weight_c * g[d]           (through `add`, so the CUDA
 //                                                                 kernel can add atomically)
@@ -148,14 +180,7 @@ MRDETR_HD void point_backward(const scalar_t* v, acc_t* grad_v, int64_t pixel_st
                               const Bilinear<acc_t>& b, acc_t attn, const scalar_t* g,
                               int64_t channels, int64_t height, int64_t width, AddFn add,
                               acc_t* grad_loc_x, acc_t* grad_loc_y, acc_t* grad_attn) {
-  if (b.nan) {
-    *grad_loc_x = *grad_loc_y = *grad_attn = quiet_nan<acc_t>();
-    return;
-  }
-  if (b.offset[0] < 0 && b.offset[1] < 0 && b.offset[2] < 0 && b.offset[3] < 0) {
-    *grad_loc_x = *grad_loc_y = *grad_attn = acc_t(0);  // outside: zero, even for a NaN attn
-    return;
-  }
+  if (pixelless_point_gradients(b, grad_loc_x, grad_loc_y, grad_attn)) return;
   acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   for (int c = 0; c < 4; ++c) {
     if (b.offset[c] < 0) continue;
@@ -171,13 +196,7 @@ MRDETR_HD void point_backward(const scalar_t* v, acc_t* grad_v, int64_t pixel_st
     }
     dot[c] = s;
   }
-  const acc_t hx = acc_t(1) - b.lx, hy = acc_t(1) - b.ly;
-  *grad_attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] +
-               b.weight[3] * dot[3];
-  *grad_loc_x = attn * static_cast<acc_t>(width) *
-                (hy * (dot[1] - dot[0]) + b.ly * (dot[3] - dot[2]));
-  *grad_loc_y = attn * static_cast<acc_t>(height) *
-                (hx * (dot[2] - dot[0]) + b.lx * (dot[3] - dot[1]));
+  point_gradients(b, attn, dot, height, width, grad_loc_x, grad_loc_y, grad_attn);
 }
 
 }  // namespace mrdetr

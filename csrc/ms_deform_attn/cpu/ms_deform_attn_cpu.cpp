@@ -1,18 +1,22 @@
 // CPU kernels of mrdetr::ms_deform_attn_{forward,backward}.
 //
 // Forward is parallel over (batch, query): every output row is written by one thread.
-// Backward is parallel over (batch, head): the value-gradient slice [b, :, h, :] belongs to one
-// thread, which walks the queries in order, so the result is deterministic and race-free.
+// Backward is parallel over (batch, query, head) ranges for the location and weight gradients,
+// then over chunks of pixels for the value gradient (value_grad.h): every value-gradient row is
+// filled by one thread in (query, point, corner) order, so the result is race-free and bitwise
+// identical across runs and thread counts.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/gather.h"
 #include "cpu/huge_pages.h"
+#include "cpu/value_grad.h"
 #include "inputs.h"
 #include "ms_deform_attn.h"
 
@@ -70,50 +74,70 @@ void forward_kernel(const OpInputs& in, const Levels& lv, at::Tensor& out) {
   });
 }
 
-// Backward: one thread owns the value-gradient slice [b, :, h, :] and walks the queries in
-// order (deterministic, no atomics), one point at a time with the shared header's point_backward;
-// while point k of query q runs, the value and value-gradient rows of point k of query q + 1
-// are prefetched.
-template <typename scalar_t>
-void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Levels& lv,
-                     at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Backward phase 1 (value_grad.h) for tasks (flat (b, q, h) indices) [first, last): split into
+// `parts` contiguous ranges, one per thread. A part walks its tasks in order, one point at a
+// time: the dot products of grad_output with the point's corner rows give its location and
+// weight gradients (the shared header's point_gradients), and each in-map corner's
+// value-gradient update is recorded for phase 2. While point k of task t runs, the value rows of
+// point k of task t + 1 are prefetched.
+template <typename scalar_t, typename acc_t>
+void backward_points(const OpInputs& in, const scalar_t* g, const Levels& lv, int64_t first,
+                     int64_t last, int64_t parts, cpu::UpdateLists<acc_t>& updates, scalar_t* glp,
+                     scalar_t* gap) {
   const int64_t S = in.S, H = in.H, D = in.D, Q = in.Q, L = in.L, P = in.P;
   const scalar_t* v = in.value.data_ptr<scalar_t>();
-  const scalar_t* g = grad_out.data_ptr<scalar_t>();
   const scalar_t* lp = in.loc.data_ptr<scalar_t>();
   const scalar_t* ap = in.attn.data_ptr<scalar_t>();
-  acc_t* gv = grad_value_acc.data_ptr<acc_t>();
-  scalar_t* glp = grad_loc.data_ptr<scalar_t>();
-  scalar_t* gap = grad_attn.data_ptr<scalar_t>();
   const cpu::LevelView levels = view(lv);
-  const auto add = [](acc_t* dst, acc_t x) { *dst += x; };
-  at::parallel_for(0, in.B * H, 1, [&](int64_t begin, int64_t end) {
+  const auto head_of = [&](int64_t task) {  // value[b, 0, h, 0]
+    return v + ((task / (Q * H)) * S * H + task % H) * D;
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     cpu::Pipeline<cpu::Point<acc_t>> pipe(L * P);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const int64_t head = (b * S * H + h) * D;  // [b, 0, h, 0] in value / grad_value
-      const auto gather = [&](int64_t q) {
-        cpu::gather_points<scalar_t, acc_t>(lp, ap, ((b * Q + q) * H + h) * L * P, levels, L, P,
-                                            pipe.next.data());
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      const int64_t t0 = first + (last - first) * part / parts;
+      const int64_t t1 = first + (last - first) * (part + 1) / parts;
+      if (t0 == t1) continue;
+      const auto gather = [&](int64_t task) {
+        cpu::gather_points<scalar_t, acc_t>(lp, ap, task * L * P, levels, L, P, pipe.next.data());
       };
-      gather(0);
+      gather(t0);
+      const scalar_t* next_head = head_of(t0);
       for (int64_t k = 0; k < L * P; ++k) {
-        cpu::prefetch_point(pipe.next[k], levels, v + head, gv + head, H * D, D);
+        cpu::prefetch_point(pipe.next[k], levels, next_head, H * D, D);
       }
-      for (int64_t q = 0; q < Q; ++q) {
+      for (int64_t task = t0; task < t1; ++task) {
         pipe.advance();
-        if (q + 1 < Q) gather(q + 1);
-        const int64_t row = (b * Q + q) * H + h;  // [b, q, h] in grad_out / points
+        const bool more = task + 1 < t1;
+        const scalar_t* vh = next_head;
+        if (more) {
+          gather(task + 1);
+          next_head = head_of(task + 1);
+        }
+        const int64_t b = task / (Q * H), h = task % H;
+        const scalar_t* gt = g + task * D;  // grad_output[b, q, h, :]
         for (int64_t k = 0; k < L * P; ++k) {
-          if (q + 1 < Q) cpu::prefetch_point(pipe.next[k], levels, v + head, gv + head, H * D, D);
+          if (more) cpu::prefetch_point(pipe.next[k], levels, next_head, H * D, D);
           const auto& pt = pipe.current[k];
-          const int64_t off = head + lv.start[pt.level] * H * D;
+          const int64_t i = task * L * P + k;
           acc_t gx, gy, ga;
-          point_backward<scalar_t, acc_t>(v + off, gv + off, H * D, pt.bil, pt.attn,
-                                          g + row * D, D, lv.height[pt.level],
-                                          lv.width[pt.level], add, &gx, &gy, &ga);
-          const int64_t i = row * L * P + k;
+          if (!pixelless_point_gradients(pt.bil, &gx, &gy, &ga)) {
+            acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+            for (int c = 0; c < 4; ++c) {
+              if (pt.bil.offset[c] < 0) continue;
+              const int64_t pixel = lv.start[pt.level] + pt.bil.offset[c];
+              const scalar_t* row = vh + pixel * H * D;
+              acc_t s = acc_t(0);
+              MRDETR_SIMD_SUM_S
+              for (int64_t d = 0; d < D; ++d) {
+                s += static_cast<acc_t>(gt[d]) * static_cast<acc_t>(row[d]);
+              }
+              dot[c] = s;
+              updates.add(part, b, pixel, h, task, pt.attn * pt.bil.weight[c]);
+            }
+            point_gradients(pt.bil, pt.attn, dot, lv.height[pt.level], lv.width[pt.level], &gx,
+                            &gy, &ga);
+          }
           glp[2 * i] = static_cast<scalar_t>(gx);
           glp[2 * i + 1] = static_cast<scalar_t>(gy);
           gap[i] = static_cast<scalar_t>(ga);
@@ -121,6 +145,32 @@ void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Level
       }
     }
   });
+}
+
+// Backward: in waves of tasks (bounding the recorded updates to kWaveUpdates), phase 1 (points)
+// then phase 2 (value_grad.h: the value gradient chunk by chunk).
+template <typename scalar_t>
+void backward_kernel(const OpInputs& in, const at::Tensor& grad_out, const Levels& lv,
+                     at::Tensor& grad_value_acc, at::Tensor& grad_loc, at::Tensor& grad_attn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* g = grad_out.data_ptr<scalar_t>();
+  const cpu::ChunkGrid grid(in.B, in.S, in.H, in.D * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t tasks = in.B * in.Q * in.H;
+  const int64_t per_task = 4 * in.L * in.P;  // updates of one task, at most
+  const int64_t wave = std::max<int64_t>(1, cpu::kWaveUpdates / std::max<int64_t>(1, per_task));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t first = 0;
+  do {
+    const int64_t last = std::min(tasks, first + wave);
+    const int64_t parts = std::max<int64_t>(1, std::min(threads, last - first));
+    const int64_t capacity = ((last - first + parts - 1) / parts) * per_task;
+    cpu::UpdateLists<acc_t> updates(parts, capacity, grid);
+    backward_points<scalar_t, acc_t>(in, g, lv, first, last, parts, updates,
+                                     grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>());
+    cpu::fill_value_grad<scalar_t, acc_t>(updates, grid, first == 0, g, in.D,
+                                          grad_value_acc.data_ptr<acc_t>());
+    first = last;
+  } while (first < tasks);
 }
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -147,10 +197,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const auto grad = prepare_grad_output(grad_output, in);
   const auto acc_type = at::toOpMathType(in.value.scalar_type());
   auto grad_value_acc =
-      cpu::zeros_advising_huge_pages(in.value.sizes(), in.value.options().dtype(acc_type));
+      cpu::empty_advising_huge_pages(in.value.sizes(), in.value.options().dtype(acc_type));
   auto grad_loc = at::zeros_like(in.loc);
   auto grad_attn = at::zeros_like(in.attn);
-  if (in.attn.numel() > 0 && in.value.numel() > 0) {
+  if (in.value.numel() > 0) {  // with no query or point, phase 2 still zeroes grad_value
     const Levels lv = read_levels(in);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
