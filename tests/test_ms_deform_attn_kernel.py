@@ -145,3 +145,15 @@ def test_backward_in_several_waves_of_tasks():
     grad_out = torch.randn(1, 300, 12, dtype=torch.float64)
     one, two = (_cpu_gradients(inputs, grad_out, threads) for threads in (1, 2))
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_zero_channels_give_zero_location_and_weight_gradients():
+    """D = 0: nothing to sample, so the (uninitialised, then filled) gradients are exact zeros."""
+    value, ss, lsi, loc, attn = make_inputs(dim=0)
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], ss, lsi, leaves[1], leaves[2], backend="cpu")
+    assert out.shape == (2, 5, 0)
+    out.sum().backward()
+    for leaf in leaves:
+        assert leaf.grad.shape == leaf.shape
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))

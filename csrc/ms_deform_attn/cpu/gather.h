@@ -140,6 +140,28 @@ inline void accumulate(const Corner<scalar_t, acc_t>* corners, int64_t n,
   }
 }
 
+// <a, b> over n elements in acc_t: kLanes partial sums (one vector register for fp32 on AVX2)
+// reduced in a fixed order, so the result never depends on the run.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  acc_t part[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) part[j] = acc_t(0);
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    MRDETR_SIMD
+    for (int64_t j = 0; j < kLanes; ++j) {
+      part[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
+    }
+  }
+  for (int64_t j = 0; d + j < n; ++j) {
+    part[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
+  }
+  acc_t s = acc_t(0);
+  for (int64_t j = 0; j < kLanes; ++j) s += part[j];
+  return s;
+}
+
 // One sampling point of a backward task: its corners, attention weight and level.
 template <typename acc_t>
 struct Point {

@@ -35,5 +35,20 @@ inline at::Tensor empty_advising_huge_pages(at::IntArrayRef sizes, at::TensorOpt
   return t;
 }
 
+// Scratch memory of `bytes` bytes whose start (`data`) is 2 MiB aligned, advised like above, so
+// that every whole 2 MiB of it can be a huge page; `storage` owns it.
+struct HugePageScratch {
+  explicit HugePageScratch(int64_t bytes) {
+    constexpr int64_t kHuge = int64_t(2) << 20;
+    const int64_t slack = bytes >= kHuge ? kHuge : 0;  // small buffers: no alignment needed
+    storage = empty_advising_huge_pages({bytes + slack}, at::TensorOptions().dtype(at::kByte));
+    const auto start = reinterpret_cast<std::uintptr_t>(storage.data_ptr());
+    const auto aligned = slack ? (start + kHuge - 1) & ~std::uintptr_t(kHuge - 1) : start;
+    data = reinterpret_cast<void*>(aligned);
+  }
+  at::Tensor storage;
+  void* data = nullptr;
+};
+
 }  // namespace cpu
 }  // namespace mrdetr

@@ -126,13 +126,7 @@ void backward_points(const OpInputs& in, const scalar_t* g, const Levels& lv, in
             for (int c = 0; c < 4; ++c) {
               if (pt.bil.offset[c] < 0) continue;
               const int64_t pixel = lv.start[pt.level] + pt.bil.offset[c];
-              const scalar_t* row = vh + pixel * H * D;
-              acc_t s = acc_t(0);
-              MRDETR_SIMD_SUM_S
-              for (int64_t d = 0; d < D; ++d) {
-                s += static_cast<acc_t>(gt[d]) * static_cast<acc_t>(row[d]);
-              }
-              dot[c] = s;
+              dot[c] = cpu::dot<scalar_t, acc_t>(gt, vh + pixel * H * D, D);
               updates.add(part, b, pixel, h, task, pt.attn * pt.bil.weight[c]);
             }
             point_gradients(pt.bil, pt.attn, dot, lv.height[pt.level], lv.width[pt.level], &gx,
@@ -198,14 +192,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const auto acc_type = at::toOpMathType(in.value.scalar_type());
   auto grad_value_acc =
       cpu::empty_advising_huge_pages(in.value.sizes(), in.value.options().dtype(acc_type));
-  auto grad_loc = at::zeros_like(in.loc);
-  auto grad_attn = at::zeros_like(in.attn);
-  if (in.value.numel() > 0) {  // with no query or point, phase 2 still zeroes grad_value
+  auto grad_loc = at::empty_like(in.loc);
+  auto grad_attn = at::empty_like(in.attn);
+  if (in.value.numel() > 0) {  // writes every element (phase 2 zeroes grad_value even with Q = 0)
     const Levels lv = read_levels(in);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
           backward_kernel<scalar_t>(in, grad, lv, grad_value_acc, grad_loc, grad_attn);
         });
+  } else {  // D = 0 (or an empty batch / map): points exist, but no value to read
+    grad_loc.zero_();
+    grad_attn.zero_();
   }
   return {grad_value_acc.to(in.value.scalar_type()), grad_loc, grad_attn};
 }

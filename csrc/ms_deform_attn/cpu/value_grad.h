@@ -74,9 +74,7 @@ class UpdateLists {
       : grid_(grid),
         parts_(parts),
         part_blocks_((capacity + kBlockUpdates - 1) / kBlockUpdates + grid.count),
-        buffer_(empty_advising_huge_pages(
-            {parts * part_blocks_ * kBlockUpdates * int64_t(sizeof(Update<acc_t>))},
-            at::TensorOptions().dtype(at::kByte))),
+        buffer_(parts * part_blocks_ * kBlockUpdates * int64_t(sizeof(Update<acc_t>))),
         used_(static_cast<size_t>(parts), 0),
         lists_(static_cast<size_t>(parts * grid.count)) {}
 
@@ -114,11 +112,11 @@ class UpdateLists {
     Update<acc_t>* tail = nullptr;
     Update<acc_t>* end = nullptr;
   };
-  Update<acc_t>* base() { return reinterpret_cast<Update<acc_t>*>(buffer_.data_ptr()); }
+  Update<acc_t>* base() { return static_cast<Update<acc_t>*>(buffer_.data); }
 
   ChunkGrid grid_;
   int64_t parts_, part_blocks_;
-  at::Tensor buffer_;
+  HugePageScratch buffer_;
   std::vector<int64_t> used_;
   std::vector<List> lists_;
 };
