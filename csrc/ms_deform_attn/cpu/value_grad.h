@@ -94,6 +94,18 @@ class UpdateLists {
     *list.tail++ = {src, static_cast<int32_t>(within * grid_.heads + h), weight};
   }
 
+  // Number of updates recorded for `chunk`, over all parts.
+  int64_t count(int64_t chunk) const {
+    int64_t n = 0;
+    for (int64_t part = 0; part < parts_; ++part) {
+      const List& list = lists_[static_cast<size_t>(part * grid_.count + chunk)];
+      if (list.blocks.empty()) continue;
+      n += static_cast<int64_t>(list.blocks.size() - 1) * kBlockUpdates +
+           (list.tail - list.blocks.back());
+    }
+    return n;
+  }
+
   // Call f(update) for every update of `chunk`, parts in order, each in recording order.
   template <typename F>
   void for_each(int64_t chunk, F&& f) const {
@@ -122,18 +134,37 @@ class UpdateLists {
 };
 
 // Phase 2: apply the updates of one wave to gv ([B, S, H, D] in acc_t), reading grad_output g
-// ([B*Q*H, D]); the first wave zeroes every chunk first. Threads take chunks round-robin (the
-// chunks of the small levels hold most updates), each chunk whole, so the order of additions
-// never depends on them.
+// ([B*Q*H, D]); the first wave zeroes every chunk first. Each thread takes one contiguous range of
+// chunks, so threads first-touch (and the kernel clears) disjoint pages side by side; the ranges
+// split the estimated cost evenly (cache lines zeroed plus updates applied: the chunks of the
+// small levels hold most updates). A chunk is filled whole by one thread, so the order of
+// additions never depends on the number of threads.
 template <typename scalar_t, typename acc_t>
 void fill_value_grad(const UpdateLists<acc_t>& lists, const ChunkGrid& grid, bool first_wave,
                      const scalar_t* g, int64_t channels, acc_t* gv) {
   const int64_t stride = grid.heads * channels;  // elements per pixel
   const int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), grid.count));
+  std::vector<int64_t> cost(static_cast<size_t>(grid.count + 1), 0);
+  const int64_t lines_per_pixel =
+      first_wave ? std::max<int64_t>(1, stride * int64_t(sizeof(acc_t)) / 64) : 0;
+  for (int64_t chunk = 0; chunk < grid.count; ++chunk) {
+    const int64_t pixels = grid.end_pixel(chunk) - grid.first_pixel(chunk);
+    cost[static_cast<size_t>(chunk + 1)] =
+        cost[static_cast<size_t>(chunk)] + pixels * lines_per_pixel + lists.count(chunk);
+  }
+  std::vector<int64_t> bounds(static_cast<size_t>(threads + 1), grid.count);  // thread t: chunks
+                                                                           // [bounds[t], bounds[t+1])
+  bounds[0] = 0;
+  for (int64_t t = 1, chunk = 0; t < threads; ++t) {
+    const int64_t target = cost.back() * t / threads;
+    while (chunk < grid.count && cost[static_cast<size_t>(chunk)] < target) ++chunk;
+    bounds[static_cast<size_t>(t)] = chunk;
+  }
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t chunk = t; chunk < grid.count; chunk += threads) {
+      const int64_t c1 = bounds[static_cast<size_t>(t + 1)];
+      for (int64_t chunk = bounds[static_cast<size_t>(t)]; chunk < c1; ++chunk) {
         const int64_t image = chunk / grid.per_image, s0 = grid.first_pixel(chunk);
         acc_t* base = gv + (image * grid.S + s0) * stride;
         if (first_wave) std::fill(base, base + (grid.end_pixel(chunk) - s0) * stride, acc_t(0));
