@@ -3,9 +3,10 @@
 The CPU kernel sources of git revision REV are built into a private folder, and each kernel is
 timed in its own fresh process (two libraries registering ``mrdetr::`` kernels cannot share
 one) on the raw ops: ``torch.ops.mrdetr.ms_deform_attn_forward`` and forward + backward op with
-``grad_output = 1``. Processes alternate (baseline, current, baseline, ...) for ``--rounds``
-rounds and the lowest median of each row is kept, so a burst of load from other jobs on a
-shared machine spoils one round, not the comparison.
+``grad_output = 1``, after a few seconds of untimed calls (see ``settle``). Processes alternate
+(baseline, current, baseline, ...) for ``--rounds`` rounds and the lowest median of each row is
+kept, so a burst of load from other jobs on a shared machine spoils one round, not the
+comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +66,21 @@ def build_baseline(rev: str) -> str:
     return str(build / f"{name}.so")
 
 
+def settle(ops, bench, seconds: float = 3.0):
+    """Run decoder forward + backward calls for ``seconds`` before anything is timed.
+
+    On the 2-core development VM the first 10-30 calls of a fresh process with 2 threads
+    sometimes take 3-6x their steady time (both kernels, cause not found); the process that hit
+    this phase would lose the comparison for a reason that has nothing to do with its kernel.
+    """
+    value, ss, lsi, loc, attn = bench.make_inputs(bench.DETR_LEVELS, 300, "cpu", torch.float32)
+    grad = torch.ones(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        ops.ms_deform_attn_forward(value, ss, lsi, loc, attn)
+        ops.ms_deform_attn_backward(grad, value, ss, lsi, loc, attn)
+
+
 def worker(library: str, cases: list[str], samplings: list[str], threads: int, reps: int):
     """Print JSON ``{"case/sampling": [fwd_ms, fwd_bwd_ms]}`` for one kernel (fresh process)."""
     sys.path.insert(0, str(HERE))
@@ -76,6 +93,7 @@ def worker(library: str, cases: list[str], samplings: list[str], threads: int, r
     else:
         torch.ops.load_library(library)
     ops = torch.ops.mrdetr
+    settle(ops, bench)
     out = {}
     for key in cases:
         _, levels, q = bench.CASES[key]
