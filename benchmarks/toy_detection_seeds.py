@@ -6,7 +6,7 @@ routes' cost buys (equal time), then summarise::
     for s in 0 1 2; do
       python examples/toy_detection.py --seed $s --threads 1 --out runs/seed$s
       python examples/toy_detection.py --seed $s --threads 1 --routes baseline \\
-          --steps 2200 --eval-every 550 --out runs/long$s
+          --steps 4200 --eval-every 1050 --out runs/long$s
     done
     python benchmarks/toy_detection_seeds.py runs/seed0 runs/seed1 runs/seed2 \\
         --long runs/long0 runs/long1 runs/long2
