@@ -41,9 +41,11 @@ def route_predictions(
             :class:`~mrdetr.layers.MultiRouteDecoderOutput`: ``hidden_states
             (Tensor[N, R, B, Q, C])``, and optionally ``reference_points
             (Tensor[N, R, B, Q, 2 or 4])`` and ``boxes (Tensor[N, R, B, Q, 4])``.
-        class_heads: ``Tensor[..., C] -> Tensor[..., K]``, one shared or one per layer.
-        box_heads: ``Tensor[..., C] -> Tensor[..., 4]``, one shared or one per layer; unused
-            when ``outputs.boxes`` is given (refined boxes already computed).
+        class_heads: ``Tensor[..., C] -> Tensor[..., K]``, one shared or one per layer; called
+            once per layer on every route at once (``Tensor[R, B, Q, C]``).
+        box_heads: ``Tensor[..., C] -> Tensor[..., 4]``, one shared or one per layer (called like
+            ``class_heads``); unused when ``outputs.boxes`` is given (refined boxes already
+            computed).
         routes: the route set (default ``outputs.routes``).
         enc_outputs: two-stage encoder proposals ``{"pred_logits", "pred_boxes"}``, added to
             the primary route.
