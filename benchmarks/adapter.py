@@ -123,18 +123,25 @@ def primary_outputs(model, pixels) -> tuple[object, RouteOutputs]:
     return out, RouteOutputs(ROUTES[:1], hidden, {}, refs)
 
 
+@contextlib.contextmanager
+def decoder_kwargs(model):
+    """Inside the block, the dict fills with the keyword arguments of ``model``'s decoder call."""
+    captured = {}
+    hook = model.model.decoder.register_forward_pre_hook(
+        lambda _m, _a, kw: captured.update(kw), with_kwargs=True
+    )
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
 def reference_outputs(model, aux, pixels) -> tuple[object, RouteOutputs]:
     """The reference way: the model's own forward (encoder + the primary route's decoder
     pass), then the decoder once more per auxiliary route with that route's modules in."""
     decoder = model.model.decoder
-    captured = {}
-    hook = decoder.register_forward_pre_hook(
-        lambda _m, _a, kw: captured.update(kw), with_kwargs=True
-    )
-    try:
+    with decoder_kwargs(model) as captured:
         out = model(pixels)
-    finally:
-        hook.remove()
     h, r = _route_output(out, out.init_reference_points)
     hidden, refs = [h], [r]
     for route in ROUTES[1:]:
@@ -147,15 +154,8 @@ def reference_outputs(model, aux, pixels) -> tuple[object, RouteOutputs]:
 
 def _decoder_inputs(model, pixels) -> dict:
     """The keyword arguments ``model`` passes its decoder for ``pixels``, as leaf tensors."""
-    captured = {}
-    hook = model.model.decoder.register_forward_pre_hook(
-        lambda _m, _a, kw: captured.update(kw), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(pixels)
-    finally:
-        hook.remove()
+    with decoder_kwargs(model) as captured, torch.no_grad():
+        model(pixels)
     return {
         k: v.detach().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
         for k, v in captured.items()
