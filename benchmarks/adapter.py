@@ -26,13 +26,17 @@ step, is what the adapter cannot avoid (every route runs every decoder layer on 
 back to the kernel (with the defaults every large temporary of transformers' pure-PyTorch
 deformable attention is fresh memory, page-faulted again on every call).
 
-Times are medians over ``--reps`` interleaved repetitions after ``--warmup``; ratios from the
-minima are printed too (robust to other processes on a shared machine).
+Times are medians over ``--reps`` interleaved repetitions after ``--warmup``. Beside the ratio
+of the medians, the median of the per-repetition ratios (each row's step over the unwrapped
+step of the same repetition) is printed: it follows the two rows through the same state of the
+machine and is the steadier figure. The floor line is ``1 + (routes' extra decoder time) /
+(unwrapped step)``: no packing can bring the adapter's ratio below it, since every route runs
+every decoder layer on its queries.
 
 Usage::
 
     python benchmarks/adapter.py [--reps 5] [--warmup 3] [--threads 2] [--backbone resnet50|small]
-        [--image-size 320] [--tuned-malloc]
+        [--image-size 320] [--tuned-malloc] [--configs adapter,reference,...]
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ from torch import nn
 
 from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes
 from mrdetr.adapters import RouteOutputs
+from mrdetr.adapters.hf_compat import layer_ffn_names
 from mrdetr.adapters.hf_models import hf_deformable_detr, random_detection_batch
 from mrdetr.layers.attention_weights import attention_weights, instructive_attention
 
 CLASSES = 80
 ROUTES = routes.mr_detr()
+CONFIGS = ("unwrapped", "adapter", "reference", "unwrapped + fast", "adapter + fast")
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "137438953472"}
 
 
@@ -92,11 +98,13 @@ def route_swapped(decoder: nn.Module, aux: list, name: str):
     saved = []
     for layer, owned in zip(decoder.layers, aux, strict=True):
         own = owned[name] if name in owned else None
-        saved.append((layer.self_attn, layer.self_attn_layer_norm, layer.mlp))
+        ffn = layer_ffn_names(layer)  # ("mlp",) in transformers 5.x, ("fc1", "fc2") in 4.57
+        saved.append({n: getattr(layer, n) for n in ("self_attn", "self_attn_layer_norm", *ffn)})
         if own is None:
             continue
         if hasattr(own, "ffn"):
-            layer.mlp = own.ffn[0]
+            for n, module in zip(ffn, own.ffn, strict=True):
+                setattr(layer, n, module)
         if hasattr(own, "self_attn_norm"):
             layer.self_attn_layer_norm = own.self_attn_norm
         if hasattr(own, "tokens"):
@@ -104,8 +112,9 @@ def route_swapped(decoder: nn.Module, aux: list, name: str):
     try:
         yield
     finally:
-        for layer, (sa, norm, mlp) in zip(decoder.layers, saved, strict=True):
-            layer.self_attn, layer.self_attn_layer_norm, layer.mlp = sa, norm, mlp
+        for layer, modules in zip(decoder.layers, saved, strict=True):
+            for n, module in modules.items():
+                setattr(layer, n, module)
 
 
 def _route_output(output, first_reference) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +199,15 @@ def main() -> None:
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="glibc keeps freed large blocks (docstring)"
     )
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS[1:]),
+        help=f"comma-separated rows to time beside 'unwrapped', from {', '.join(CONFIGS[1:])}",
+    )  # fmt: skip
     args = parser.parse_args()
+    chosen = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(chosen) - set(CONFIGS[1:]))
+    if unknown:
+        parser.error(f"--configs: unknown rows {unknown}; expected some of {list(CONFIGS[1:])}")
     if args.tuned_malloc and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
@@ -218,6 +235,7 @@ def main() -> None:
         "unwrapped + fast": (fast, primary_outputs),
         "adapter + fast": (wrapped_fast, adapter_outputs),
     }
+    configs = {k: v for k, v in configs.items() if k == "unwrapped" or k in chosen}
 
     def step(name):
         model, run = configs[name]
@@ -244,7 +262,6 @@ def main() -> None:
             if rep >= args.warmup:
                 times[name].append(dt)
     base = statistics.median(times["unwrapped"])
-    base_min = min(times["unwrapped"])
     malloc = "tuned" if tuned else "defaults"
     print(f"HF Deformable-DETR ({args.backbone} backbone) 6+6 layers d256, 300 queries, "
           f"batch 2, {size}x{size}, CPU "
@@ -252,13 +269,17 @@ def main() -> None:
           f"backward), median of {args.reps} after {args.warmup} warm-up")  # fmt: skip
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:18s} {med * 1e3:8.0f} ms   x{med / base:5.2f} (median)   "
-              f"x{min(ts) / base_min:5.2f} (min)")  # fmt: skip
+        paired = statistics.median(t / u for t, u in zip(ts, times["unwrapped"], strict=True))
+        print(f"  {name:18s} {med * 1e3:8.0f} ms   x{med / base:5.2f} (medians)   "
+              f"x{paired:5.2f} (per-repetition ratios, median)")  # fmt: skip
     extra = (decoder_all - decoder_one) / base
     print(f"  decoder alone, forward + backward: unwrapped {decoder_one * 1e3:.0f} ms "
           f"({decoder_one / base:.2f} of the unwrapped step), 3 routes packed "
           f"{decoder_all * 1e3:.0f} ms (x{decoder_all / decoder_one:.2f}); the routes' extra "
-          f"decoder time = {extra:.2f} of the unwrapped step")  # fmt: skip
+          f"decoder time = {extra:.2f} of the unwrapped step, "
+          f"so the adapter's floor is x{1 + extra:.2f}")  # fmt: skip
+    if "unwrapped + fast" not in times:
+        return
     fast_ratio = statistics.median(times["unwrapped"]) / statistics.median(
         times["unwrapped + fast"]
     )

@@ -66,3 +66,36 @@ def test_mask_path_follows_the_single_thread_rule_and_restores(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("pred_masks", [torch.zeros(1, 3, 8, 8), torch.zeros(4, 8, 8), "masks"])
+def test_bad_pred_masks_are_reported_even_without_gts(pred_masks):
+    """The mask inputs are validated before the empty case, like the logits and boxes."""
+    outputs = {"pred_logits": torch.zeros(1, 4, 2), "pred_boxes": torch.full((1, 4, 4), 0.5),
+               "pred_masks": pred_masks}  # fmt: skip
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+    with pytest.raises(ValueError, match=r"outputs\['pred_masks'\] must be \[B, Q, h, w\]"):
+        MaskHungarianMatcher(num_points=16)(outputs, [empty])
+
+
+def test_mask_matching_of_a_batch_equals_image_by_image():
+    """Batched input gives each image the pairs it gets alone (an image without gts included);
+    the mask costs' random points are drawn image by image, so one seed covers both runs."""
+    gen = torch.Generator().manual_seed(2)
+    b, q = 3, 5
+    outputs = {"pred_logits": torch.randn(b, q, 3, generator=gen),
+               "pred_boxes": torch.rand(b, q, 4, generator=gen) * 0.5 + 0.2,
+               "pred_masks": torch.randn(b, q, 8, 8, generator=gen)}  # fmt: skip
+    sizes = [2, 0, 3]
+    targets = [{"labels": torch.randint(0, 3, (n,), generator=gen),
+                "boxes": torch.rand(n, 4, generator=gen) * 0.5 + 0.2,
+                "masks": torch.rand(n, 16, 16, generator=gen) > 0.5} for n in sizes]  # fmt: skip
+    matcher = MaskHungarianMatcher(num_points=64)
+    torch.manual_seed(0)
+    batched = matcher(outputs, targets)
+    torch.manual_seed(0)
+    alone = [matcher({k: v[i : i + 1] for k, v in outputs.items()}, [targets[i]])[0]
+             for i in range(b)]  # fmt: skip
+    for i, ((p, g), (p1, g1)) in enumerate(zip(batched, alone, strict=True)):
+        assert len(p) == sizes[i] and p.dtype == g.dtype == torch.int64
+        assert torch.equal(p, p1) and torch.equal(g, g1)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 __all__ = [
     "backbone_config_kwargs",
     "layer_ffn",
+    "layer_ffn_names",
     "layer_hidden",
     "query_position_arg",
     "request_model_output",
@@ -68,19 +69,22 @@ def request_model_output(decoder: nn.Module, arguments: dict) -> bool:
     return not wanted
 
 
-def layer_ffn(layer: nn.Module) -> tuple[nn.Module, ...]:
-    """The FFN of an HF DETR-family decoder layer: ``(layer.mlp,)`` (5.x) or
-    ``(layer.fc1, layer.fc2)`` (4.x, activation and dropout in the layer's forward)."""
-    if isinstance(getattr(layer, "mlp", None), nn.Module):
-        return (layer.mlp,)
-    if isinstance(getattr(layer, "fc1", None), nn.Module) and isinstance(
-        getattr(layer, "fc2", None), nn.Module
-    ):
-        return (layer.fc1, layer.fc2)
+def layer_ffn_names(layer: nn.Module) -> tuple[str, ...]:
+    """Attribute names of an HF DETR-family decoder layer's FFN: ``("mlp",)`` (5.x) or
+    ``("fc1", "fc2")`` (4.x, activation and dropout in the layer's forward)."""
+    for names in (("mlp",), ("fc1", "fc2")):
+        if all(isinstance(getattr(layer, n, None), nn.Module) for n in names):
+            return names
     raise TypeError(
         f"{type(layer).__name__}: expected an FFN as `mlp` (transformers 5.x) or `fc1`/`fc2` "
         f"(4.x), found sub-modules {[n for n, _ in layer.named_children()]}"
     )
+
+
+def layer_ffn(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """The FFN modules of an HF DETR-family decoder layer, named by :func:`layer_ffn_names`:
+    ``(layer.mlp,)`` (5.x) or ``(layer.fc1, layer.fc2)`` (4.x)."""
+    return tuple(getattr(layer, n) for n in layer_ffn_names(layer))
 
 
 def layer_hidden(output) -> Tensor:

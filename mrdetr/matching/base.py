@@ -1,6 +1,7 @@
 """``Matcher``: the small base of the matchers: validate the inputs, then match.
 
-Subclasses implement :meth:`Matcher.match_packed` on validated predictions and packed targets;
+Subclasses implement :meth:`Matcher.match_packed` on validated predictions and packed targets
+(and :meth:`Matcher.extra_inputs` when they need more of ``outputs``/``targets``, e.g. masks);
 the base does what every matcher did before it: check ``outputs`` and ``targets``
 (:mod:`~mrdetr.matching.inputs`), detach, run without autograd, pick the working dtype
 (:func:`working_dtype`), own a bounded scratch :class:`~mrdetr.matching.workspace.Workspace`,
@@ -59,7 +60,8 @@ class Matcher(nn.Module):
     ``outputs = {"pred_logits": Tensor[B, Q, K], "pred_boxes": Tensor[B, Q, 4]}`` (cxcywh),
     ``targets`` a list of ``B`` dicts ``{"labels": Tensor[N_b] int64, "boxes": Tensor[N_b, 4]}``.
     Returns one ``(pred_idx, gt_idx)`` pair of int64 tensors per image on the predictions'
-    device. Subclasses implement :meth:`match_packed`; they have no parameters, so copies
+    device. Subclasses implement :meth:`match_packed` (and :meth:`extra_inputs` for inputs beyond
+    logits, boxes and labels); they have no parameters, so copies
     (``copy.deepcopy``, ``pickle``, ``torch.save``) are cheap and match identically.
 
     Args:
@@ -78,12 +80,23 @@ class Matcher(nn.Module):
         logits, boxes = check_predictions(outputs, who)
         b, q, k = logits.shape
         packed = pack_targets(targets, b, k, boxes, who)
+        extra = self.extra_inputs(outputs, targets, packed)
         if packed.max_size == 0 or q == 0:
             return [empty_indices(logits.device) for _ in range(b)]
         with single_thread(logits.device):
-            return self.match_packed(logits.detach(), boxes.detach(), packed)
+            return self.match_packed(logits.detach(), boxes.detach(), packed, **extra)
+
+    def extra_inputs(
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping], packed: PackedTargets
+    ) -> dict:
+        """Validate what a subclass needs beyond logits, boxes and labels (``outputs`` and
+        ``targets`` as given to :meth:`forward`; ``packed`` the validated targets) and return it
+        as keyword arguments of :meth:`match_packed`, detached. Runs before the empty case, so
+        bad input is reported whatever the batch holds. Default: nothing."""
+        return {}
 
     def match_packed(self, logits: Tensor, boxes: Tensor, packed: PackedTargets) -> MatchIndices:
         """Match validated, detached ``logits (Tensor[B, Q, K])`` and ``boxes (Tensor[B, Q, 4])``
-        (``Q > 0``) with validated ``packed`` targets (at least one gt in the batch)."""
+        (``Q > 0``) with validated ``packed`` targets (at least one gt in the batch), plus the
+        keyword arguments :meth:`extra_inputs` returned."""
         raise NotImplementedError

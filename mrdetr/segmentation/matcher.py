@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
-from ..matching.base import single_thread
-from ..matching.hungarian import HungarianMatcher, MatchIndices, empty_indices, solve_blocks
-from ..matching.inputs import check_predictions, pack_targets
+from ..matching.hungarian import HungarianMatcher, MatchIndices, solve_blocks
+from ..matching.inputs import PackedTargets
 from .losses import pairwise_mask_costs
 
 __all__ = ["MaskHungarianMatcher"]
@@ -46,42 +44,47 @@ class MaskHungarianMatcher(HungarianMatcher):
             )
         self.cost_mask, self.cost_dice, self.num_points = cost_mask, cost_dice, num_points
 
-    @torch.no_grad()
-    def forward(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping]) -> MatchIndices:
-        """Match; see the class docstring for shapes."""
-        if outputs.get("pred_masks") is None:
-            return super().forward(outputs, targets)
+    def extra_inputs(
+        self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping], packed: PackedTargets
+    ) -> dict:
+        """``{"pred_masks": Tensor[B, Q, h, w], "target_masks": [Tensor[N_b, H, W] or None]}``
+        (detached, validated), or nothing without ``"pred_masks"`` in ``outputs``."""
+        pred_masks = outputs.get("pred_masks")
+        if pred_masks is None:
+            return {}
         who = type(self).__name__
-        logits, pboxes = check_predictions(outputs, who)
-        b, q, k = logits.shape
-        packed = pack_targets(targets, b, k, pboxes, who)
-        pred_masks = outputs["pred_masks"]
-        if pred_masks.dim() != 4 or tuple(pred_masks.shape[:2]) != (b, q):
+        b, q = outputs["pred_logits"].shape[:2]
+        is_tensor = isinstance(pred_masks, Tensor)
+        if not is_tensor or pred_masks.dim() != 4 or tuple(pred_masks.shape[:2]) != (b, q):
+            got = tuple(pred_masks.shape) if is_tensor else type(pred_masks).__name__
             raise ValueError(
                 f"{who}: outputs['pred_masks'] must be [B, Q, h, w] with [B, Q]={[b, q]}, "
-                f"received {tuple(pred_masks.shape)}"
+                f"received {got}"
             )
-        if packed.max_size == 0 or q == 0:
-            return [empty_indices(logits.device) for _ in range(b)]
-        with single_thread(logits.device):  # the matchers' threading rule (matching/base.py)
-            cost = self._mask_cost(logits.detach(), pboxes.detach(), pred_masks, packed, targets)
-            return solve_blocks(
-                cost.float().cpu().numpy(), packed.sizes, logits.device, logits, pboxes, who
-            )
-
-    def _mask_cost(self, logits, pboxes, pred_masks, packed, targets) -> Tensor:
-        """``[B, N, Q]``: the box/class cost plus the weighted mask BCE and dice costs."""
-        who = type(self).__name__
-        labels, boxes, _ = packed.padded()
-        cost = self.cost_matrix(logits, pboxes, labels, boxes)  # [B, N, Q]
-        for i, t in enumerate(targets):
-            n = packed.sizes[i]
-            if n == 0:
-                continue
-            masks = t.get("masks")
-            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != n:
+        target_masks = []
+        for i, (t, n) in enumerate(zip(targets, packed.sizes, strict=True)):
+            masks = t.get("masks") if n else None
+            if n and (not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != n):
                 got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
                 raise ValueError(f"{who}: image {i}: 'masks' must be [N={n}, H, W], received {got}")
-            bce, dice = pairwise_mask_costs(pred_masks[i].detach(), masks, self.num_points)
-            cost[i, :n] += (self.cost_mask * bce + self.cost_dice * dice).T.to(cost.dtype)
-        return cost
+            target_masks.append(masks)
+        return {"pred_masks": pred_masks.detach(), "target_masks": target_masks}
+
+    def match_packed(
+        self, logits: Tensor, pboxes: Tensor, packed: PackedTargets, repeat: int = 1, *,
+        pred_masks: Tensor | None = None, target_masks: list | None = None,
+    ) -> MatchIndices:  # fmt: skip
+        """:meth:`HungarianMatcher.match_packed` with the mask costs added when ``pred_masks
+        (Tensor[B, Q, h, w])`` and ``target_masks`` (per image ``Tensor[N_b, H, W]`` or None)
+        are given (see :meth:`extra_inputs`)."""
+        if pred_masks is None:
+            return super().match_packed(logits, pboxes, packed, repeat)
+        labels, boxes, _ = packed.padded()
+        cost = self.cost_matrix(logits, pboxes, labels, boxes)  # [B, N, Q]
+        for i, (masks, n) in enumerate(zip(target_masks, packed.sizes, strict=True)):
+            if n:
+                bce, dice = pairwise_mask_costs(pred_masks[i], masks, self.num_points)
+                cost[i, :n] += (self.cost_mask * bce + self.cost_dice * dice).T.to(cost.dtype)
+        cost = cost.float().cpu().numpy()  # [B, N, Q]: gt-major, as scipy wants
+        who = type(self).__name__
+        return solve_blocks(cost, packed.sizes, logits.device, logits, pboxes, who, repeat)
