@@ -88,6 +88,12 @@ def hf_deformable_detr(
             init; ``backbone_width``/``backbone_depth`` must then keep their defaults).
         seed: ``torch.manual_seed`` before building (the global RNG is changed).
 
+    Image sizes: transformers normalises each level's input projection with
+    ``GroupNorm(32, d_model)``; at ``d_model=32`` (one channel per group) a level of 1 x 1
+    pixels has one value per group, which GroupNorm refuses in training for a batch of one
+    image. With 4 levels the smallest has stride 64: train on one image only when it is larger
+    than 64 px (or use ``d_model >= 64`` or batches of two or more).
+
     Raises:
         ValueError: non-positive sizes, ``d_model`` not a multiple of 32 or of ``num_heads``,
             ``two_stage`` without ``with_box_refine``, an unknown ``backbone``, or
