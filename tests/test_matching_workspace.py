@@ -6,6 +6,7 @@ Memory is measured with the workspace's own accounting (the bytes it keeps betwe
 
 import pytest
 import torch
+from _threads import intra_op_threads, record_threads
 from test_matching_oracles import plain_cost, random_batch
 from test_matching_oracles import random_image as _random_image
 
@@ -101,17 +102,8 @@ def test_inference_mode_then_normal_mode(first):
 def test_matching_runs_single_threaded_and_restores(monkeypatch):
     """The rule against libgomp spin-wait stalls: cost blocks run with one intra-op thread, and
     the caller's thread count is restored, also when matching raises."""
-    seen = []
-    original = hungarian_module.add_box_l1_cost
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(hungarian_module, "add_box_l1_cost", spy)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    seen = record_threads(monkeypatch, hungarian_module, "add_box_l1_cost")
+    with intra_op_threads(2):
         outputs, targets = random_batch(2, 30, [4, 6], 3, seed=7)
         m = HungarianMatcher()
         m(outputs, targets)
@@ -121,5 +113,3 @@ def test_matching_runs_single_threaded_and_restores(monkeypatch):
         with pytest.raises(ValueError, match="image 1"):
             m(bad, targets)
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _threads import intra_op_threads, record_threads
 
 from mrdetr.matching import HungarianMatcher
 from mrdetr.segmentation import MaskHungarianMatcher
@@ -45,17 +46,8 @@ def test_mask_path_follows_the_single_thread_rule_and_restores(monkeypatch):
     and the caller's thread count comes back, also when a target's masks are malformed."""
     from mrdetr.segmentation import matcher as matcher_module
 
-    seen = []
-    original = matcher_module.pairwise_mask_costs
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(matcher_module, "pairwise_mask_costs", spy)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    seen = record_threads(monkeypatch, matcher_module, "pairwise_mask_costs")
+    with intra_op_threads(2):
         outputs = {"pred_logits": torch.zeros(1, 4, 2), "pred_boxes": torch.full((1, 4, 4), 0.5),
                    "pred_masks": torch.zeros(1, 4, 8, 8)}  # fmt: skip
         target = {"labels": torch.zeros(2, dtype=torch.long), "boxes": torch.full((2, 4), 0.5)}
@@ -64,8 +56,6 @@ def test_mask_path_follows_the_single_thread_rule_and_restores(monkeypatch):
         with pytest.raises(ValueError, match=r"'masks' must be \[N=2, H, W\]"):
             MaskHungarianMatcher(num_points=16)(outputs, [{**target, "masks": torch.ones(3, 8, 8)}])
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("pred_masks", [torch.zeros(1, 3, 8, 8), torch.zeros(4, 8, 8), "masks"])
