@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.attention_weights import attention_weights, instructive_attention
+from ..layers.route_plan import Group
 from .route_modules import RouteModules
 
 __all__ = ["RouteLayout", "MHACall", "packed", "tile", "split"]
@@ -81,9 +82,10 @@ def _gather(chunks: list[Tensor], idx: tuple[int, ...], dim: int) -> Tensor:
     return chunks[idx[0]] if len(idx) == 1 else torch.cat([chunks[i] for i in idx], dim)
 
 
-def _slice(x: Tensor, layout: RouteLayout, idx: tuple[int, ...], dim: int) -> Tensor:
-    """Routes ``idx`` of packed ``x`` along ``dim``: a view when they are adjacent (no copy)."""
-    if list(idx) == list(range(idx[0], idx[-1] + 1)):
+def _slice(x: Tensor, layout: RouteLayout, group: Group, dim: int) -> Tensor:
+    """The ``group``'s routes of packed ``x`` along ``dim``: a view when they are adjacent."""
+    idx = group.routes
+    if group.is_contiguous:
         start = sum(layout.sizes[: idx[0]])
         return x.narrow(dim, start, sum(layout.sizes[i] for i in idx))
     return _gather(split(x, layout, dim), idx, dim)
@@ -107,7 +109,7 @@ class _RoutedForward:
             else:
                 fn = getattr(self.state.aux[self.layer][g.owner], self.slot)
                 fn = fn if self.index is None else fn[self.index]
-            y = fn(_slice(x, layout, g.routes, dim), *args, **kwargs)
+            y = fn(_slice(x, layout, g, dim), *args, **kwargs)
             parts = [y] if len(g.routes) == 1 else y.split([sizes[i] for i in g.routes], dim)
             for i, part in zip(g.routes, parts, strict=True):
                 outs[i] = part
