@@ -116,7 +116,11 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
     where = [f"['aux_outputs'][{i}]" for i in range(len(aux))] + [""]
     config = model.config
     expected = getattr(config, "decoder_layers", None)
-    if getattr(config, "auxiliary_loss", False) and expected is not None and len(layers) != expected:
+    if (
+        getattr(config, "auxiliary_loss", False)
+        and expected is not None
+        and len(layers) != expected
+    ):
         raise ValueError(
             f"route_predictions must hold every decoder layer (config.decoder_layers = "
             f"{expected}: the last in the dict, {expected - 1} in 'aux_outputs'), received "
@@ -124,7 +128,9 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
         )
 
     def stack(key: str) -> Tensor:
-        return torch.stack([_get(x, key, w) for x, w in zip(layers, where)], family.layer_dim)
+        return torch.stack(
+            [_get(x, key, w) for x, w in zip(layers, where, strict=True)], family.layer_dim
+        )
 
     logits, boxes = _get(route, "pred_logits", ""), _get(route, "pred_boxes", "")
     args = [logits, labels, logits.device, boxes, config, stack("pred_logits"), stack("pred_boxes")]
@@ -133,7 +139,10 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
     if family.encoder != "none":
         if enc is None:
             enc, stand_in = {"pred_logits": logits.detach(), "pred_boxes": boxes.detach()}, True
-        pair = (_get(enc, "pred_logits", "['enc_outputs']"), _get(enc, "pred_boxes", "['enc_outputs']"))
+        pair = (
+            _get(enc, "pred_logits", "['enc_outputs']"),
+            _get(enc, "pred_boxes", "['enc_outputs']"),
+        )
         if family.encoder == "topk":
             kwargs.update(enc_topk_logits=pair[0], enc_topk_bboxes=pair[1])
         else:
@@ -185,14 +194,17 @@ def _check_route_weights(route_weights, routes: list[str]) -> dict[str, float]:
         return {}
     if not isinstance(route_weights, Mapping):
         raise ValueError(
-            f"route_weights must be a dict {{route: weight}}, received {type(route_weights).__name__}"
+            "route_weights must be a dict {route: weight}, received "
+            f"{type(route_weights).__name__}"
         )
     unknown = sorted(set(route_weights) - set(routes))
     if unknown:
         raise ValueError(f"route_weights: unknown routes {unknown}; the routes are {routes}")
     for name, w in route_weights.items():
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"route_weights[{name!r}] must be a finite number >= 0, received {w!r}")
+            raise ValueError(
+                f"route_weights[{name!r}] must be a finite number >= 0, received {w!r}"
+            )
     return dict(route_weights)
 
 

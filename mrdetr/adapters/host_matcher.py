@@ -2,11 +2,11 @@
 
 transformers' detection losses build a Hungarian matcher and call it as ``matcher(outputs,
 targets)`` (LW-DETR / RF-DETR: ``matcher(outputs, targets, group_detr)``) with HF keys:
-``outputs = {"logits": Tensor[B, Q, K'], "pred_boxes": Tensor[B, Q, 4]}`` and targets ``{"class_labels":
-Tensor[N_b], "boxes": Tensor[N_b, 4]}``; it returns one ``(pred_idx, gt_idx)`` pair of int64
-tensors per image. :class:`HostMatcher` answers the same call with a one-to-many assignment
-(:class:`~mrdetr.matching.OneToManyMatcher` by default), so that an auxiliary route is supervised
-by the family's own loss terms on one-to-many pairs.
+``outputs = {"logits": Tensor[B, Q, K'], "pred_boxes": Tensor[B, Q, 4]}`` and targets
+``{"class_labels": Tensor[N_b], "boxes": Tensor[N_b, 4]}``; it returns one ``(pred_idx,
+gt_idx)`` pair of int64 tensors per image. :class:`HostMatcher` answers the same call with a
+one-to-many assignment (:class:`~mrdetr.matching.OneToManyMatcher` by default), so that an
+auxiliary route is supervised by the family's own loss terms on one-to-many pairs.
 """
 
 from __future__ import annotations
@@ -80,11 +80,15 @@ class HostMatcher(nn.Module):
         """One-to-many pairs per image; see the class docstring for shapes."""
         for key in ("logits", "pred_boxes"):
             if not isinstance(outputs.get(key), Tensor):
-                raise ValueError(f"HostMatcher: outputs has no tensor {key!r} (keys: {sorted(outputs)})")
+                raise ValueError(
+                    f"HostMatcher: outputs has no tensor {key!r} (keys: {sorted(outputs)})"
+                )
         logits, boxes = outputs["logits"], outputs["pred_boxes"]
         q = logits.shape[1]
         if isinstance(group_detr, bool) or not isinstance(group_detr, int) or group_detr < 1:
-            raise ValueError(f"HostMatcher: group_detr must be an int >= 1, received {group_detr!r}")
+            raise ValueError(
+                f"HostMatcher: group_detr must be an int >= 1, received {group_detr!r}"
+            )
         if q % group_detr:
             raise ValueError(
                 f"HostMatcher: group_detr={group_detr} must divide the number of queries, Q = {q}"
@@ -101,7 +105,10 @@ class HostMatcher(nn.Module):
         size = q // group_detr
         per_group = []
         for start in range(0, q, size):
-            part = {"pred_logits": scores[:, start : start + size], "pred_boxes": boxes[:, start : start + size]}
+            part = {
+                "pred_logits": scores[:, start : start + size],
+                "pred_boxes": boxes[:, start : start + size],
+            }
             per_group.append([(p + start, g) for p, g in self.matcher(part, ours)])
         return [
             (torch.cat([g[b][0] for g in per_group]), torch.cat([g[b][1] for g in per_group]))
