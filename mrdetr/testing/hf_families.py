@@ -19,7 +19,7 @@ import importlib
 import inspect
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = ["FAMILIES", "TEXT_FAMILIES", "family_available", "tiny_batch", "tiny_model"]
 
@@ -151,7 +151,7 @@ def _config(tf, family: str, d: int, num_queries: int, num_labels: int):
         )  # fmt: skip
         return cfg_cls(
             backbone_config=_resnet(tf, 16), text_config=text, d_model=d, **heads, **ffn,
-            encoder_layers=1, decoder_layers=2, num_queries=num_queries, num_feature_levels=3,
+            encoder_layers=1, decoder_layers=2, **common, num_feature_levels=3,
             encoder_n_points=2, decoder_n_points=2, max_text_len=16, auxiliary_loss=True,
             **_no_download(cfg_cls),
         )  # fmt: skip
@@ -165,7 +165,7 @@ def _config(tf, family: str, d: int, num_queries: int, num_labels: int):
     return cfg_cls(
         backbone_config=_resnet(tf, 16), text_config=text, **_no_download(cfg_cls),
         text_projection_in_dim=2 * d, text_projection_out_dim=2 * d, task_encoder_hidden_dim=2 * d,
-        class_embed_dim=2 * d, num_queries=num_queries, encoder_hidden_dim=d,
+        class_embed_dim=2 * d, **common, encoder_hidden_dim=d,
         vision_features_channels=[d, d, d], encoder_in_channels=[32, 64, 64],
         encoder_attention_heads=2, encoder_dim_feedforward=2 * d, decoder_hidden_dim=d,
         decoder_num_heads=2, decoder_num_layers=2, decoder_dim_feedforward=2 * d,
