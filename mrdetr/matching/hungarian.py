@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from .base import Matcher, working_dtype
@@ -15,7 +17,8 @@ from .costs import (
 )
 from .indices import MatchIndices, empty_indices
 from .inputs import PackedTargets
-from .solve import locate_non_finite, solve_blocks
+from .plan import Plan
+from .solve import locate_non_finite, raise_non_finite, solve_blocks, solve_pairs
 from .workspace import MAX_BYTES, fill_blocks
 
 # MatchIndices, empty_indices, locate_non_finite and solve_blocks live in .indices / .solve;
@@ -105,6 +108,28 @@ class HungarianMatcher(Matcher):
                 cost.add_(giou, alpha=-self.cost_giou)
 
         return fill_blocks(self._workspace, 5, (b, n, q), dtype, pred_boxes.device, fill)
+
+    _plans = True  # this class is matched through match_all (see batch.plannable)
+
+    def plan(self, logits: Tensor, pboxes: Tensor, padded, batch: int, repeat: int = 1) -> Plan:
+        """Device part of the matching of stacked problems ``logits (Tensor[S*B, Q, K])``,
+        ``pboxes (Tensor[S*B, Q, 4])`` against ``padded`` targets (``[S*B, N]``, see
+        :class:`~mrdetr.matching.batch.PaddedTargets`), ``batch = B``: the cost block, a fresh
+        ``Tensor[S*B, N, Q]`` to read; the plan's ``finish`` solves it on the host."""
+        cost = self._cost(logits, pboxes, padded.labels, padded.boxes)
+        cost = cost.to(torch.float32, copy=True)  # the workspace is reused by the next plan
+        who, sizes = type(self), padded.sizes
+
+        def finish(host: list) -> list:
+            (block,) = host
+            if not np.isfinite(block).all():
+                bad = [i for i, n in enumerate(sizes) if not np.isfinite(block[i, :n]).all()]
+                if bad:
+                    what = "the matching cost overflows (inf/NaN)"
+                    raise_non_finite(bad, batch, logits, pboxes, who.__name__, what)
+            return solve_pairs(block, sizes, repeat)
+
+        return Plan([cost], finish)
 
     def match_packed(
         self, logits: Tensor, pboxes: Tensor, packed: PackedTargets, repeat: int = 1
