@@ -104,7 +104,8 @@ class Matcher(nn.Module):
 
     def match_packed(self, logits: Tensor, boxes: Tensor, packed: PackedTargets) -> MatchIndices:
         """(Matchers whose class declares ``_plans = True`` implement ``plan`` instead; see
-        :func:`~mrdetr.matching.batch.match_all`.) Match validated, detached ``logits (Tensor[B, Q, K])`` and ``boxes (Tensor[B, Q, 4])``
+        :func:`~mrdetr.matching.batch.match_all`.) Match validated, detached ``logits
+        (Tensor[B, Q, K])`` and ``boxes (Tensor[B, Q, 4])``
         (``Q > 0``) with validated ``packed`` targets (at least one gt in the batch), plus the
         keyword arguments :meth:`extra_inputs` returned."""
         raise NotImplementedError

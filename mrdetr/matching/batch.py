@@ -67,7 +67,8 @@ class Matched:
 
     def pairs(self) -> list[tuple[Tensor, Tensor]]:
         """Per image ``(pred_idx (Tensor[M_b]), gt_idx (Tensor[M_b]))`` (views)."""
-        return list(zip(self.rows[1].split(self.counts), self.rows[2].split(self.counts)))
+        pred, gt = self.rows[1].split(self.counts), self.rows[2].split(self.counts)
+        return list(zip(pred, gt, strict=True))
 
     def flat(self, gt_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(image_idx, pred_idx, gt_idx)`` with ``gt_idx`` into the concatenated targets;
