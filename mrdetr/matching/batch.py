@@ -12,7 +12,7 @@ problem's pairs back with one :func:`~mrdetr.matching.transfer.to_device`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +59,9 @@ class PaddedTargets:
 
 @dataclass
 class Matched:
-    """One problem's pairs on the device: ``rows (Tensor[3, M], int64)`` = image, prediction and
-    gt (within its image) of every pair, image after image; ``counts``: pairs per image."""
+    """One problem's pairs on the device: ``rows (Tensor[4, M], int64)`` = image, prediction,
+    gt within its image, and gt in the concatenated targets of every pair, image after image;
+    ``counts``: pairs per image (host ints)."""
 
     rows: Tensor
     counts: list[int]
@@ -70,10 +71,10 @@ class Matched:
         pred, gt = self.rows[1].split(self.counts), self.rows[2].split(self.counts)
         return list(zip(pred, gt, strict=True))
 
-    def flat(self, gt_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(image_idx, pred_idx, gt_idx)`` with ``gt_idx`` into the concatenated targets;
-        ``gt_offsets (Tensor[B])``: first gt of every image."""
-        return self.rows[0], self.rows[1], self.rows[2] + gt_offsets[self.rows[0]]
+    def flat(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(image_idx, pred_idx, gt_idx)``, ``Tensor[M]`` each, ``gt_idx`` into the
+        concatenated targets (as :func:`~mrdetr.matching.indices.flatten_indices`)."""
+        return self.rows[0], self.rows[1], self.rows[3]
 
 
 def plannable(matcher: object) -> bool:
@@ -105,6 +106,7 @@ def match_all(
     num_classes: int,
     who: str,
     flags: Sequence[Tensor] = (),
+    check: Callable[[list[bool]], None] | None = None,
 ) -> tuple[list[Matched], list[bool]]:
     """Match every problem against ``packed`` (validated for structure, not yet for values).
 
@@ -113,7 +115,9 @@ def match_all(
         packed: the targets; their values (labels in ``[0, num_classes)``, finite boxes, ...)
             are checked with flags read in the same transfer; a failure raises the
             ``ValueError`` of :func:`~mrdetr.matching.inputs.check_values`, prefixed ``who``.
-        flags: more device ``bool`` tensors (the caller's checks), returned as host bools.
+        flags: more device ``bool`` tensors (the caller's checks), read in the same transfer.
+        check: called with ``any()`` of each of ``flags`` (host bools) after the value checks
+            and before the host solves, to raise the caller's errors in that order.
 
     Returns:
         one :class:`Matched` per problem, and ``any()`` of each of ``flags``.
@@ -134,12 +138,15 @@ def match_all(
         boxes = torch.cat([problems[i].boxes.detach() for i in members])
         plan = first.matcher.plan(logits, boxes, padded.repeat(len(members)), b)
         plans.append((members, plan))
-    check = [value_flags(packed, num_classes)] + [f.any() for f in flags]
-    reads = to_host(check + [t for _, plan in plans for t in plan.host])
+    checks = [value_flags(packed, num_classes)] + [f.any() for f in flags]
+    reads = to_host(checks + [t for _, plan in plans for t in plan.host])
     if reads[0]:
         check_values(packed, num_classes, who)  # the error path: locate and raise
+    got = [bool(f.any()) for f in reads[1 : len(checks)]]
+    if check is not None:
+        check(got)
     pairs: list[list | None] = [None] * len(problems)
-    start = len(check)
+    start = len(checks)
     for members, plan in plans:
         n = len(plan.host)
         found = plan.finish(reads[start : start + n])
@@ -147,14 +154,17 @@ def match_all(
         for j, i in enumerate(members):
             pairs[i] = found[j * b : (j + 1) * b]
     empty = np.zeros(0, dtype=np.int64)
+    offsets = np.cumsum([0, *packed.sizes])
     arrays, counts = [], []
     for per_image in pairs:
         per_image = per_image or [(empty, empty)] * b
         image = [np.full(len(p), i, dtype=np.int64) for i, (p, _) in enumerate(per_image)]
+        flat_gt = [g + offsets[i] for i, (_, g) in enumerate(per_image)]
         rows = [np.concatenate(image or [empty])]
         rows += [np.concatenate([x[k] for x in per_image] or [empty]) for k in (0, 1)]
-        arrays.append(np.stack(rows))
+        rows.append(np.concatenate(flat_gt or [empty]))
+        arrays.append(np.stack(rows).astype(np.int64))
         counts.append([len(p) for p, _ in per_image])
     moved = to_device(arrays, device)
     out = [Matched(m, c) for m, c in zip(moved, counts, strict=True)]
-    return out, [bool(f.any()) for f in reads[1 : len(check)]]
+    return out, got
