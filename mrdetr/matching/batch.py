@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import transfer
 from .inputs import PackedTargets, check_values, value_flags
-from .transfer import to_device, to_host
 
 __all__ = ["Matched", "PaddedTargets", "Problem", "match_all", "plannable"]
 
@@ -139,7 +139,7 @@ def match_all(
         plan = first.matcher.plan(logits, boxes, padded.repeat(len(members)), b)
         plans.append((members, plan))
     checks = [value_flags(packed, num_classes)] + [f.any() for f in flags]
-    reads = to_host(checks + [t for _, plan in plans for t in plan.host])
+    reads = transfer.to_host(checks + [t for _, plan in plans for t in plan.host])
     if reads[0]:
         check_values(packed, num_classes, who)  # the error path: locate and raise
     got = [bool(f.any()) for f in reads[1 : len(checks)]]
@@ -165,6 +165,6 @@ def match_all(
         rows.append(np.concatenate(flat_gt or [empty]))
         arrays.append(np.stack(rows).astype(np.int64))
         counts.append([len(p) for p, _ in per_image])
-    moved = to_device(arrays, device)
+    moved = transfer.to_device(arrays, device)
     out = [Matched(m, c) for m, c in zip(moved, counts, strict=True)]
     return out, got

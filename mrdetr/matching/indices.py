@@ -84,7 +84,10 @@ def flatten_unchecked(
         [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(counts)]
     )
     size = torch.cat(
-        [torch.full((n,), s, dtype=torch.int64, device=device) for s, n in zip(sizes, counts, strict=True)]
+        [
+            torch.full((n,), s, dtype=torch.int64, device=device)
+            for s, n in zip(sizes, counts, strict=True)
+        ]
     )
     bad = (pred < 0) | (pred >= num_queries) | (gt < 0) | (gt >= size)
     return image, pred, gt, bad
