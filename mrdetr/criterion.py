@@ -48,13 +48,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .criterion_keys import KEY_STYLES, LossKeys
-from .losses import CLASSIFICATIONS, giou_loss, l1_loss, sigmoid_focal_loss, softmax_class_loss
+from .criterion_keys import KEY_STYLES, LossKeys, check_weights
+from .losses import (
+    CLASSIFICATIONS,
+    giou_loss,
+    l1_loss,
+    matched_mask_losses,
+    sigmoid_focal_loss,
+    softmax_class_loss,
+)
 from .matching.box_format import check_format, format_flag
 from .matching.indices import flatten_indices
-from .matching.inputs import PackedTargets, check_predictions, pack_targets
+from .matching.inputs import PackedTargets, pack_targets
 from .matching.router import RouteMatcher
-from .matching.sets import match_sets
+from .matching.sets import match_sets, prediction_sets, set_jobs
 
 __all__ = ["DEFAULT_WEIGHTS", "MultiRouteCriterion"]
 
@@ -175,21 +182,8 @@ class MultiRouteCriterion(nn.Module):
             + tuple(MOE_WEIGHTS)
             + (tuple(MASK_WEIGHTS) if self.mask_loss is not None else ())
         )
-        unknown = set(self.term_weights) - set(terms)
-        if unknown:
-            raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
-        unknown = set(self.route_weights) - set(self.matcher)
-        if unknown:
-            raise ValueError(
-                f"route_weights: unknown routes {sorted(unknown)}; the matcher's routes are "
-                f"{list(self.matcher)}"
-            )
-        named = [("encoder_weight", self.encoder_weight)]
-        named += [(f"weight_dict[{k!r}]", v) for k, v in self.term_weights.items()]
-        named += [(f"route_weights[{k!r}]", v) for k, v in self.route_weights.items()]
-        for name, v in named:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, received {v!r}")
+        routes = list(self.matcher)
+        check_weights(self.term_weights, self.route_weights, routes, self.encoder_weight, terms)
 
     def num_boxes(self, packed: PackedTargets, device: torch.device) -> Tensor:
         """Number of gt boxes of the batch as a float ``Tensor[]``, averaged over processes when
@@ -262,60 +256,13 @@ class MultiRouteCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         """``loss_mask`` and ``loss_dice`` of ``out["pred_masks"] (Tensor[B, Q, h, w])`` on the
         matched pairs ``indices`` against ``targets[b]["masks"] (Tensor[N_b, H, W])``, summed
-        and divided by ``num_boxes``."""
-        pred = out["pred_masks"]
-        b = len(targets)
-        if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[0] != b:
-            got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
-            raise ValueError(
-                f"MultiRouteCriterion: 'pred_masks' must be [B={b}, Q, h, w], got {got}"
-            )
-        src, tgt, canvas = [], [], None
-        for i, (p, g) in enumerate(indices):
-            masks = targets[i].get("masks")
-            n = targets[i]["labels"].shape[0]
-            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != n:
-                got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
-                raise ValueError(
-                    f"MultiRouteCriterion: image {i}: 'masks' must be [N={n}, H, W] "
-                    f"(needed with mask_loss and 'pred_masks'), received {got}"
-                )
-            if canvas is not None and masks.shape[-2:] != canvas:
-                raise ValueError(
-                    f"MultiRouteCriterion: image {i}: 'masks' are {tuple(masks.shape[-2:])}, "
-                    f"image 0's are {tuple(canvas)}; use one canvas size for the batch"
-                )
-            canvas = masks.shape[-2:]
-            src.append(pred[i, p.to(pred.device)])
-            tgt.append(masks[g.to(masks.device)])
-        bce, dice = self.mask_loss(torch.cat(src), torch.cat(tgt).to(pred.device))
-        return {"loss_mask": bce.sum() / num_boxes, "loss_dice": dice.sum() / num_boxes}
+        and divided by ``num_boxes`` (see :func:`~mrdetr.losses.matched_mask_losses`)."""
+        return matched_mask_losses(self.mask_loss, out["pred_masks"], targets, indices, num_boxes)
 
     def _check_route(self, route: str, out) -> list[tuple[str, Mapping]]:
         """``[(suffix, prediction dict)]`` of a route: its layers, then its encoder output."""
-        if not isinstance(out, Mapping):
-            raise ValueError(f"outputs[{route!r}] must be a dict, received {type(out).__name__}")
-        aux = out.get("aux_outputs", [])
-        if not isinstance(aux, Sequence) or isinstance(aux, Mapping):
-            raise ValueError(f"outputs[{route!r}]['aux_outputs'] must be a list of dicts")
-        sets = [(f"layer{i}", a) for i, a in enumerate(aux)]
-        sets.append((f"layer{len(aux)}", out))
-        if out.get("enc_outputs") is not None:
-            sets.append(("enc", out["enc_outputs"]))
-        for name, s in sets:
-            logits, _ = check_predictions(s, f"MultiRouteCriterion: route {route!r}, {name}")
-            softmax = self.classification == "softmax"
-            if logits.shape[-1] != self.num_classes + softmax:
-                expected = (
-                    f"num_classes + 1 = {self.num_classes + 1} (softmax: the last is no-object)"
-                    if softmax
-                    else f"num_classes = {self.num_classes}"
-                )
-                raise ValueError(
-                    f"MultiRouteCriterion: route {route!r}, {name}: pred_logits has "
-                    f"{logits.shape[-1]} classes, expected {expected}"
-                )
-        return sets
+        softmax = self.classification == "softmax"
+        return prediction_sets(route, out, self.num_classes + softmax, softmax)
 
     def forward(self, outputs: Mapping[str, Mapping], targets: Sequence[Mapping]):
         """Losses of every route and layer; see the module docstring for the layout."""
@@ -330,19 +277,7 @@ class MultiRouteCriterion(nn.Module):
         packed = pack_targets(targets, b, self.num_classes, like, who, values=False)
         num_boxes = self.num_boxes(packed, like.device)
 
-        jobs = []  # (route, suffix, label, predictions, matcher) of every prediction set
-        for route, sets in routes.items():
-            if route not in self.matcher:
-                raise ValueError(
-                    f"MultiRouteCriterion: no matcher for route {route!r}; the matcher has "
-                    f"{sorted(self.matcher)}"
-                )
-            for suffix, out in sets:
-                if suffix == "enc" and self.encoder_matcher is not None:
-                    entries = {None: self.encoder_matcher}
-                else:
-                    entries = self.matcher.entries(route)
-                jobs += [(route, suffix, label, out, m) for label, m in entries.items()]
+        jobs = set_jobs(routes, self.matcher, self.encoder_matcher)
 
         def check(flags: list[bool]) -> None:
             if flags[0]:

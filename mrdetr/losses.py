@@ -13,7 +13,14 @@ from torch import Tensor
 
 from .boxes import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
-__all__ = ["CLASSIFICATIONS", "giou_loss", "l1_loss", "sigmoid_focal_loss", "softmax_class_loss"]
+__all__ = [
+    "CLASSIFICATIONS",
+    "giou_loss",
+    "l1_loss",
+    "matched_mask_losses",
+    "sigmoid_focal_loss",
+    "softmax_class_loss",
+]
 
 CLASSIFICATIONS = ("sigmoid", "softmax")
 """Classification losses of the criterion: sigmoid focal (``K`` logits) or DETR's softmax with a
@@ -149,3 +156,34 @@ def softmax_class_loss(
     negative = -(log_p[..., -1] * unmatched).sum()
     weight = unmatched.sum() + pred_idx.shape[0]
     return (positive + negative) / weight.clamp(min=torch.finfo(logits.dtype).tiny)
+
+
+def matched_mask_losses(mask_loss, pred, targets, indices, num_boxes: Tensor) -> dict[str, Tensor]:
+    """``loss_mask`` and ``loss_dice`` of ``pred (Tensor[B, Q, h, w])`` (mask logits) on the
+    matched pairs ``indices`` (per image ``(pred_idx, gt_idx)``) against ``targets[b]["masks"]
+    (Tensor[N_b, H, W])``, with ``mask_loss(pred (Tensor[M, h, w]), target (Tensor[M, H, W]))
+    -> (bce (Tensor[M]), dice (Tensor[M]))``, summed and divided by ``num_boxes``."""
+    b = len(targets)
+    if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[0] != b:
+        got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+        raise ValueError(f"MultiRouteCriterion: 'pred_masks' must be [B={b}, Q, h, w], got {got}")
+    src, tgt, canvas = [], [], None
+    for i, (p, g) in enumerate(indices):
+        masks = targets[i].get("masks")
+        n = targets[i]["labels"].shape[0]
+        if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != n:
+            got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+            raise ValueError(
+                f"MultiRouteCriterion: image {i}: 'masks' must be [N={n}, H, W] "
+                f"(needed with mask_loss and 'pred_masks'), received {got}"
+            )
+        if canvas is not None and masks.shape[-2:] != canvas:
+            raise ValueError(
+                f"MultiRouteCriterion: image {i}: 'masks' are {tuple(masks.shape[-2:])}, "
+                f"image 0's are {tuple(canvas)}; use one canvas size for the batch"
+            )
+        canvas = masks.shape[-2:]
+        src.append(pred[i, p.to(pred.device)])
+        tgt.append(masks[g.to(masks.device)])
+    bce, dice = mask_loss(torch.cat(src), torch.cat(tgt).to(pred.device))
+    return {"loss_mask": bce.sum() / num_boxes, "loss_dice": dice.sum() / num_boxes}

@@ -16,9 +16,9 @@ from torch import Tensor
 
 from .batch import Problem, match_all, plannable
 from .indices import flatten_unchecked, gt_offsets, raise_out_of_range
-from .inputs import PackedTargets
+from .inputs import PackedTargets, check_predictions
 
-__all__ = ["SetMatch", "match_sets"]
+__all__ = ["SetMatch", "match_sets", "prediction_sets", "set_jobs"]
 
 
 @dataclass
@@ -73,3 +73,55 @@ def match_sets(
             m = next(planned)
             results.append(SetMatch(*m.flat(), m.pairs()))
     return results
+
+
+def prediction_sets(
+    route: str, out: object, num_logits: int, softmax: bool = False
+) -> list[tuple[str, Mapping]]:
+    """``[(suffix, predictions)]`` of one route's ``out`` (the criterion's layout): ``"layer{l}"``
+    for ``aux_outputs`` then the last layer, and ``"enc"`` for ``enc_outputs``; each checked
+    (:func:`~mrdetr.matching.inputs.check_predictions`) to have ``num_logits`` class logits
+    (``softmax``: the criterion's ``num_classes + 1``, the last no-object)."""
+    if not isinstance(out, Mapping):
+        raise ValueError(f"outputs[{route!r}] must be a dict, received {type(out).__name__}")
+    aux = out.get("aux_outputs", [])
+    if not isinstance(aux, Sequence) or isinstance(aux, Mapping):
+        raise ValueError(f"outputs[{route!r}]['aux_outputs'] must be a list of dicts")
+    sets = [(f"layer{i}", a) for i, a in enumerate(aux)]
+    sets.append((f"layer{len(aux)}", out))
+    if out.get("enc_outputs") is not None:
+        sets.append(("enc", out["enc_outputs"]))
+    for name, s in sets:
+        logits, _ = check_predictions(s, f"MultiRouteCriterion: route {route!r}, {name}")
+        if logits.shape[-1] != num_logits:
+            expected = (
+                f"num_classes + 1 = {num_logits} (softmax: the last is no-object)"
+                if softmax
+                else f"num_classes = {num_logits}"
+            )
+            raise ValueError(
+                f"MultiRouteCriterion: route {route!r}, {name}: pred_logits has "
+                f"{logits.shape[-1]} classes, expected {expected}"
+            )
+    return sets
+
+
+def set_jobs(routes: Mapping[str, list], router, encoder_matcher=None) -> list[tuple]:
+    """``[(route, suffix, label, predictions, matcher)]``: every prediction set of ``routes``
+    (``{route: prediction_sets(...)}``) with each matcher of its route in ``router`` (a
+    :class:`~mrdetr.matching.RouteMatcher`; ``label`` is the matcher group's label, ``None``
+    for a single matcher), ``encoder_matcher`` for ``"enc"`` sets when given."""
+    jobs = []
+    for route, sets in routes.items():
+        if route not in router:
+            raise ValueError(
+                f"MultiRouteCriterion: no matcher for route {route!r}; the matcher has "
+                f"{sorted(router)}"
+            )
+        for suffix, out in sets:
+            if suffix == "enc" and encoder_matcher is not None:
+                entries = {None: encoder_matcher}
+            else:
+                entries = router.entries(route)
+            jobs += [(route, suffix, label, out, m) for label, m in entries.items()]
+    return jobs
