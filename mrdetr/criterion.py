@@ -284,15 +284,9 @@ class MultiRouteCriterion(nn.Module):
                 check_format(packed, who)
 
         # every matching of the call: one device read, one write back (matching.transfer)
-        found = match_sets(
-            [(out, m) for *_, out, m in jobs],
-            targets,
-            packed,
-            self.num_classes,
-            who,
-            [format_flag(packed)],
-            check,
-        )
+        sets_ = [(out, m) for *_, out, m in jobs]
+        flags = [format_flag(packed)]
+        found = match_sets(sets_, targets, packed, self.num_classes, who, flags, check)
         losses: dict[str, Tensor] = {}
         keys = LossKeys(self.key_style, next(iter(self.matcher)), self.weight_dict)
         total = like.new_zeros(())
@@ -302,16 +296,13 @@ class MultiRouteCriterion(nn.Module):
             for _ in range(sum(job[0] == route for job in jobs)):
                 (_, suffix, label, out, _), match = next(done)
                 scale = route_weight * (self.encoder_weight if suffix == "enc" else 1.0)
-                image, pred, gt = match.image, match.pred, match.gt
-                terms = self.flat_losses(out, packed, image, pred, gt, num_boxes)
+                terms = self.flat_losses(out, packed, *match.flat, num_boxes)
                 if self.mask_loss is not None and out.get("pred_masks") is not None:
                     terms.update(self.mask_set_losses(out, targets, match.pairs, num_boxes))
                 for term, value in terms.items():
-                    key = keys.add(
-                        term, route, label, suffix, sets, self.term_weights[term] * scale
-                    )
-                    losses[key] = value
-                    total = total + self.term_weights[term] * scale * value
+                    w = self.term_weights[term] * scale
+                    losses[keys.add(term, route, label, suffix, sets, w)] = value
+                    total = total + w * value
             moe = outputs[route].get("loss_moe")
             if moe is not None:
                 if not isinstance(moe, Tensor) or moe.dim() != 0:

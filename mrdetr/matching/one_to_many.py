@@ -21,7 +21,8 @@ class OneToManyMatcher(Matcher):
     The rules (per image; ``quality`` is computed from detached predictions):
 
     1. ``quality[q, g] = iou_weight * IoU(pred q, gt g) + class_weight * sigmoid(logit[q,
-       label_g])``;
+       label_g])`` (``classification="softmax"``: ``softmax(logits[q])[label_g]``, DETR's
+       class probability with a no-object logit);
     2. each prediction's best gt is ``argmax_g quality[q, g]``; the prediction is positive when
        that quality is ``>= iou_threshold``;
     3. with ``low_quality_matches``, each gt's single highest-quality prediction is positive too
@@ -48,11 +49,18 @@ class OneToManyMatcher(Matcher):
         class_weight: float = 0.3,
         low_quality_matches: bool = True,
         *,
+        classification: str = "sigmoid",
         workspace_bytes: int = MAX_BYTES,
     ) -> None:
         super().__init__(workspace_bytes=workspace_bytes)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"OneToManyMatcher: k must be an int >= 1, received {k!r}")
+        if classification not in ("sigmoid", "softmax"):
+            raise ValueError(
+                "OneToManyMatcher: classification must be 'sigmoid' or 'softmax', received "
+                f"{classification!r}"
+            )
+        self.classification = classification
         self.k, self.iou_threshold = k, iou_threshold
         self.iou_weight, self.class_weight = iou_weight, class_weight
         self.low_quality_matches = low_quality_matches
@@ -60,7 +68,8 @@ class OneToManyMatcher(Matcher):
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, iou_threshold={self.iou_threshold}, iou_weight={self.iou_weight}, "
-            f"class_weight={self.class_weight}, low_quality_matches={self.low_quality_matches}"
+            f"class_weight={self.class_weight}, low_quality_matches={self.low_quality_matches}, "
+            f"classification={self.classification!r}"
         )
 
     def quality(
@@ -78,12 +87,15 @@ class OneToManyMatcher(Matcher):
         dtype = working_dtype(pred_boxes)
         pred_logits, pred_boxes, boxes = (x.to(dtype) for x in (pred_logits, pred_boxes, boxes))
         pred_xyxy = xyxy(pred_boxes)
+        softmax = self.classification == "softmax"
+        lse = pred_logits.logsumexp(-1, keepdim=True) if softmax else None
 
         def fill(bufs: list[Tensor], rows: slice) -> None:
             quality, s0, s1 = bufs
             iou_block(xyxy(boxes[:, rows]), pred_xyxy, quality, [s0, s1], giou=False)
             lab = labels[:, rows]
-            prob = gather_logits(pred_logits, lab, s0.view(b, q, lab.shape[1])).sigmoid_()
+            prob = gather_logits(pred_logits, lab, s0.view(b, q, lab.shape[1]))
+            prob = prob.sub_(lse).exp_() if softmax else prob.sigmoid_()
             quality.mul_(self.iou_weight).add_(prob.transpose(1, 2), alpha=self.class_weight)
 
         return fill_blocks(self._workspace, 3, (b, n, q), dtype, pred_boxes.device, fill)

@@ -60,6 +60,7 @@ class RouteMatcher:
         routes: Iterable,
         one_to_one: object | None = None,
         one_to_many: object | None = None,
+        classification: str = "sigmoid",
     ) -> RouteMatcher:
         """Default matchers for a route set, following each route's supervision.
 
@@ -67,10 +68,22 @@ class RouteMatcher:
         ``one_to_one``, default :class:`HungarianMatcher`), ``"o2m"`` (gets ``one_to_many``,
         default :class:`OneToManyMatcher`) or ``"both"`` (gets the group ``{"o2o": one_to_one,
         "o2m": one_to_many}``, so the route returns a dict with both results). Routes with the
-        same supervision share one matcher instance.
+        same supervision share one matcher instance. ``classification`` (``"sigmoid"`` or
+        ``"softmax"``, as :class:`~mrdetr.criterion.MultiRouteCriterion`'s) picks the class
+        cost of the default matchers: focal / sigmoid probability, or DETR's softmax
+        probability.
         """
-        one_to_one = HungarianMatcher() if one_to_one is None else one_to_one
-        one_to_many = OneToManyMatcher() if one_to_many is None else one_to_many
+        if classification not in ("sigmoid", "softmax"):
+            raise ValueError(
+                "RouteMatcher.for_routes: classification must be 'sigmoid' or 'softmax', "
+                f"received {classification!r}"
+            )
+        if one_to_one is None:
+            one_to_one = HungarianMatcher(
+                class_cost="softmax" if classification == "softmax" else "focal"
+            )
+        if one_to_many is None:
+            one_to_many = OneToManyMatcher(classification=classification)
         matchers: dict[str, object] = {}
         for i, route in enumerate(routes):
             name = getattr(route, "name", None)

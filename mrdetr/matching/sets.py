@@ -31,6 +31,11 @@ class SetMatch:
     gt: Tensor
     pairs: Sequence[tuple[Tensor, Tensor]]
 
+    @property
+    def flat(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(image, pred, gt)``."""
+        return self.image, self.pred, self.gt
+
 
 def match_sets(
     sets: Sequence[tuple[Mapping[str, Tensor], object]],
