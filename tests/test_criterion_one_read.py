@@ -6,8 +6,13 @@ import torch
 
 from mrdetr import routes
 from mrdetr.criterion import MultiRouteCriterion
-from mrdetr.matching import HungarianMatcher, OneToManyMatcher, RepeatedGTMatcher, RouteMatcher
-from mrdetr.matching import transfer
+from mrdetr.matching import (
+    HungarianMatcher,
+    OneToManyMatcher,
+    RepeatedGTMatcher,
+    RouteMatcher,
+    transfer,
+)
 from mrdetr.profiling import OpCounter
 
 
