@@ -22,11 +22,12 @@ from mrdetr.matching import RouteMatcher
 from mrdetr.profiling import OpCounter
 
 
-def make_batch(device, b=4, q=300, k=80, layers=6, enc=300, seed=0):
+def make_batch(device, b=4, q=300, k=80, layers=6, enc=300, seed=0, logits=None):
     gen = torch.Generator().manual_seed(seed)
+    logits_k = k if logits is None else logits
 
     def pred(n):
-        logits = torch.randn(b, n, k, generator=gen).to(device).requires_grad_()
+        logits = torch.randn(b, n, logits_k, generator=gen).to(device).requires_grad_()
         boxes = (torch.rand(b, n, 4, generator=gen) * 0.4 + 0.2).to(device).requires_grad_()
         return {"pred_logits": logits, "pred_boxes": boxes}
 
@@ -52,19 +53,24 @@ def main() -> None:
     device = torch.device(args.device)
     kwargs = {}
     if "classification" in inspect.signature(MultiRouteCriterion).parameters:
-        kwargs["classification"] = args.classification
-    criterion = MultiRouteCriterion(80, RouteMatcher.for_routes(routes.mr_detr()), **kwargs)
-    outputs, targets = make_batch(device)
+        kwargs["classification"] = args.classification  # absent before issue 19 (old checkouts)
+    matcher = RouteMatcher.for_routes(routes.mr_detr(), **kwargs)
+    criterion = MultiRouteCriterion(80, matcher, **kwargs)
+    logits = 81 if args.classification == "softmax" else 80
+    outputs, targets = make_batch(device, logits=logits)
     criterion(outputs, targets)["loss"].backward()  # warm-up
     rows = []
     for phase in ("forward", "forward+backward"):
-        outputs, targets = make_batch(device)
+        outputs, targets = make_batch(device, logits=logits)
         with OpCounter() as count:
             loss = criterion(outputs, targets)["loss"]
             if phase != "forward":
                 loss.backward()
         rows.append((phase, count.ops, count.host_reads, dict(count.read_ops)))
-    print(f"MultiRouteCriterion, 3 routes x 6 layers + encoder, B=4, Q=300, K=80 ({device})")
+    print(
+        f"MultiRouteCriterion, 3 routes x 6 layers + encoder, B=4, Q=300, K=80, "
+        f"{args.classification} ({device})"
+    )
     print(f"{'phase':<18} {'ATen ops':>9} {'host reads':>11}  reads by op")
     for phase, ops, reads, by in rows:
         print(f"{phase:<18} {ops:>9} {reads:>11}  {by}")
