@@ -31,18 +31,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["READ_OPS", "OpCounter"]
 
-READ_OPS = frozenset(
-    {
-        "aten._local_scalar_dense",
-        "aten.nonzero",
-        "aten.nonzero_static",
-        "aten.masked_select",
-        "aten._unique",
-        "aten._unique2",
-        "aten.unique_dim",
-        "aten.unique_consecutive",
-        "aten.bincount",
-    }
+READ_OPS = (
+    "aten._local_scalar_dense",
+    "aten._unique",
+    "aten._unique2",
+    "aten.bincount",
+    "aten.masked_select",
+    "aten.nonzero",
+    "aten.nonzero_static",
+    "aten.unique_consecutive",
+    "aten.unique_dim",
 )
 """ATen operations (overload packets) that always read the device: a scalar read, or an output
 whose size depends on the data."""
