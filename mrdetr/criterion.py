@@ -26,6 +26,10 @@ supervision "both") get one set per label: ``"{term}/{route}:{label}/layer{l}"``
 losses are unweighted; ``"loss" = sum(weight_dict[term] * route_weights[route] * (encoder_weight
 if enc) * value)``.
 
+Host reads: the matching of every route, layer and encoder set of a call, with the target
+checks, reads the device once and writes the pairs back once (see
+:mod:`mrdetr.matching.transfer` and :func:`mrdetr.matching.batch.match_all`).
+
 Masks (instance segmentation, optional): with ``mask_loss`` set (e.g.
 :class:`mrdetr.segmentation.MaskLoss`), every prediction set that holds ``"pred_masks":
 Tensor[B, Q_r, h, w]`` (logits) also gets ``loss_mask`` (sigmoid BCE) and ``loss_dice`` on the

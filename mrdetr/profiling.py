@@ -75,10 +75,12 @@ class OpCounter(TorchDispatchMode):
 
     @property
     def ops(self) -> int:
+        """ATen operations counted so far."""
         return sum(self.by_op.values())
 
     @property
     def host_reads(self) -> int:
+        """Host reads counted so far (the sum of :attr:`read_ops`)."""
         return sum(self.read_ops.values())
 
     def _read(self, name: str) -> None:

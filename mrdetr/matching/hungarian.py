@@ -32,8 +32,9 @@ class HungarianMatcher(Matcher):
     ``C = cost_class * C_class + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)``, with
     ``C_class = -softmax(logits)[label]`` (``class_cost="softmax"``, DETR) or the focal cost of
     Deformable-DETR / detrex (``class_cost="focal"``). Costs are computed for the whole batch at
-    once as per-image blocks ``[B, Q, N_max]`` (gts padded to the largest image), moved to the CPU
-    in one copy, and solved image by image.
+    once as per-image blocks ``[B, N_max, Q]`` (gts padded to the largest image), read to the host
+    with every other matching problem of the call in one transfer
+    (:func:`~mrdetr.matching.batch.match_all`), and solved image by image.
 
     Args:
         cost_class, cost_bbox, cost_giou: weights of the three costs (not all zero).
