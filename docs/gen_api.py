@@ -25,6 +25,7 @@ MODULES = (
     ("mrdetr.convert", "Checkpoint conversion"),
     ("mrdetr.ops", "The deformable-attention op"),
     ("mrdetr.export", "Export"),
+    ("mrdetr.profiling", "Counting operations and host reads"),
 )
 OUT = Path(__file__).resolve().parent / "api.md"
 

@@ -18,12 +18,17 @@ Input layout (``R`` routes, ``L`` decoder layers, ``B`` images, ``Q_r`` queries 
     targets = [{"labels": Tensor[N_b] int64, "boxes": Tensor[N_b, 4] cxcywh}, ...]  # B dicts
 
 Returned losses (a flat dict of 0-dim tensors): ``"{term}/{route}/layer{l}"`` for ``term`` in
-``loss_class`` (sigmoid focal), ``loss_bbox`` (L1), ``loss_giou`` and ``l`` in ``0 .. L-1`` (the
+``loss_class`` (sigmoid focal, or DETR's softmax cross entropy with a no-object class),
+``loss_bbox`` (L1), ``loss_giou`` and ``l`` in ``0 .. L-1`` (the
 last layer is ``layer{L-1}``), ``"{term}/{route}/enc"`` for encoder proposals, and ``"loss"``,
 the weighted sum. Routes whose matcher is a group (``{"o2o": ..., "o2m": ...}``, e.g. a route with
 supervision "both") get one set per label: ``"{term}/{route}:{label}/layer{l}"``. The individual
 losses are unweighted; ``"loss" = sum(weight_dict[term] * route_weights[route] * (encoder_weight
 if enc) * value)``.
+
+Host reads: the matching of every route, layer and encoder set of a call, with the target
+checks, reads the device once and writes the pairs back once (see
+:mod:`mrdetr.matching.transfer` and :func:`mrdetr.matching.batch.match_all`).
 
 Masks (instance segmentation, optional): with ``mask_loss`` set (e.g.
 :class:`mrdetr.segmentation.MaskLoss`), every prediction set that holds ``"pred_masks":
@@ -47,11 +52,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .criterion_keys import KEY_STYLES, LossKeys
-from .losses import giou_loss, l1_loss, sigmoid_focal_loss
+from .criterion_keys import KEY_STYLES, LossKeys, check_weights
+from .losses import (
+    CLASSIFICATIONS,
+    giou_loss,
+    l1_loss,
+    matched_mask_losses,
+    sigmoid_focal_loss,
+    softmax_class_loss,
+)
+from .matching.box_format import check_format, format_flag
 from .matching.indices import flatten_indices
-from .matching.inputs import PackedTargets, check_predictions, pack_targets
+from .matching.inputs import PackedTargets, pack_targets
 from .matching.router import RouteMatcher
+from .matching.sets import match_sets, prediction_sets, set_jobs
 
 __all__ = ["DEFAULT_WEIGHTS", "MultiRouteCriterion"]
 
@@ -71,7 +85,9 @@ class MultiRouteCriterion(nn.Module):
     """Set losses of a multi-route DETR (see the module docstring for the input layout).
 
     Args:
-        num_classes: ``K``, the number of classes of ``pred_logits`` (sigmoid, no "no-object").
+        num_classes: ``K``, the number of real classes. ``pred_logits`` has ``K`` logits with
+            ``classification="sigmoid"`` and ``K + 1`` with ``"softmax"`` (the last is
+            no-object).
         matcher: a :class:`~mrdetr.matching.RouteMatcher`, or a mapping ``{route_name: matcher
             or {label: matcher}}`` that is wrapped into one.
         weight_dict: weight per term; missing terms take :data:`DEFAULT_WEIGHTS`.
@@ -79,7 +95,13 @@ class MultiRouteCriterion(nn.Module):
             of the matcher (checked here and again at every call, so a typo such as
             ``"aux_fn"`` raises instead of being ignored).
         encoder_weight: extra factor of the encoder-proposal losses (reference recipe: 3).
-        focal_alpha, focal_gamma: focal loss parameters.
+        focal_alpha, focal_gamma: focal loss parameters (``"sigmoid"``).
+        classification: ``"sigmoid"`` (focal loss, Deformable-DETR / DINO) or ``"softmax"``
+            (DETR: cross entropy over ``K`` classes + no-object, unmatched predictions are
+            no-object with weight ``eos_coef``, the weighted mean over predictions, not divided
+            by the gt count; see :func:`~mrdetr.losses.softmax_class_loss`). Give the matchers
+            the same option (``RouteMatcher.for_routes(routes, classification="softmax")``).
+        eos_coef: weight of the no-object class (``"softmax"``; DETR: 0.1).
         encoder_matcher: matcher for ``enc_outputs``; by default each route's own matcher.
         distributed: average the gt count over processes; ``None`` = when ``torch.distributed``
             is initialised.
@@ -115,10 +137,23 @@ class MultiRouteCriterion(nn.Module):
         distributed: bool | None = None,
         mask_loss=None,
         key_style: str = "mrdetr",
+        classification: str = "sigmoid",
+        eos_coef: float = 0.1,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, received {num_classes!r}")
+        if classification not in CLASSIFICATIONS:
+            raise ValueError(
+                f"classification must be one of {CLASSIFICATIONS}, received {classification!r}"
+            )
+        if (
+            isinstance(eos_coef, bool)
+            or not isinstance(eos_coef, numbers.Real)
+            or not (0 <= eos_coef < math.inf)
+        ):
+            raise ValueError(f"eos_coef must be a finite number >= 0, received {eos_coef!r}")
+        self.classification, self.eos_coef = classification, float(eos_coef)
         self.num_classes = num_classes
         self.matcher = matcher if isinstance(matcher, RouteMatcher) else RouteMatcher(matcher)
         if mask_loss is not None and not callable(mask_loss):
@@ -151,26 +186,13 @@ class MultiRouteCriterion(nn.Module):
             + tuple(MOE_WEIGHTS)
             + (tuple(MASK_WEIGHTS) if self.mask_loss is not None else ())
         )
-        unknown = set(self.term_weights) - set(terms)
-        if unknown:
-            raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
-        unknown = set(self.route_weights) - set(self.matcher)
-        if unknown:
-            raise ValueError(
-                f"route_weights: unknown routes {sorted(unknown)}; the matcher's routes are "
-                f"{list(self.matcher)}"
-            )
-        named = [("encoder_weight", self.encoder_weight)]
-        named += [(f"weight_dict[{k!r}]", v) for k, v in self.term_weights.items()]
-        named += [(f"route_weights[{k!r}]", v) for k, v in self.route_weights.items()]
-        for name, v in named:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, received {v!r}")
+        routes = list(self.matcher)
+        check_weights(self.term_weights, self.route_weights, routes, self.encoder_weight, terms)
 
     def num_boxes(self, packed: PackedTargets, device: torch.device) -> Tensor:
         """Number of gt boxes of the batch as a float ``Tensor[]``, averaged over processes when
         distributed, clamped at 1."""
-        n = torch.tensor(float(sum(packed.sizes)), device=device)
+        n = torch.full((), float(sum(packed.sizes)), device=device)  # no host-to-device copy
         use_dist = self.distributed
         if use_dist is None:
             use_dist = dist.is_available() and dist.is_initialized()
@@ -189,24 +211,42 @@ class MultiRouteCriterion(nn.Module):
         """``loss_class``, ``loss_bbox``, ``loss_giou`` of one prediction set ``out``
         (``pred_logits [B, Q, K]``, ``pred_boxes [B, Q, 4]``) matched by ``indices`` (per image
         ``(pred_idx [M_b], gt_idx [M_b])``) to the ``packed`` targets, each summed and divided by
-        ``num_boxes``. A prediction matched to several gts is a positive of each of their
-        classes and is regressed towards each of their boxes. The indices are validated
+        ``num_boxes`` (``loss_class`` with ``"softmax"``: DETR's weighted mean). A prediction
+        matched to several gts is a positive of each of their classes and is regressed towards
+        each of their boxes. The indices are validated
         (:func:`~mrdetr.matching.indices.flatten_indices`): an index outside ``[0, Q)`` or
         ``[0, N_b)`` raises a ``ValueError``."""
-        logits, boxes = out["pred_logits"], out["pred_boxes"]
-        q = logits.shape[1]
+        q = out["pred_logits"].shape[1]
         who = "MultiRouteCriterion"
-        image_idx, pred_idx, gt_idx = flatten_indices(indices, packed.sizes, q, logits.device, who)
+        flat = flatten_indices(indices, packed.sizes, q, out["pred_logits"].device, who)
+        return self.flat_losses(out, packed, *flat, num_boxes)
 
-        onehot = torch.zeros_like(logits)
-        onehot[image_idx, pred_idx, packed.labels[gt_idx]] = 1.0
-        loss_class = sigmoid_focal_loss(
-            logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum"
-        )
+    def flat_losses(
+        self,
+        out: Mapping[str, Tensor],
+        packed: PackedTargets,
+        image_idx: Tensor,
+        pred_idx: Tensor,
+        gt_idx: Tensor,
+        num_boxes: Tensor,
+    ) -> dict[str, Tensor]:
+        """:meth:`set_losses` on validated flat indices (``Tensor[M]`` each, ``gt_idx`` into
+        the concatenated targets), with no device read."""
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        labels = packed.labels[gt_idx]
+        if self.classification == "softmax":
+            loss_class = softmax_class_loss(logits, image_idx, pred_idx, labels, self.eos_coef)
+        else:
+            onehot = torch.zeros_like(logits)
+            onehot[image_idx, pred_idx, labels] = 1.0
+            loss_class = sigmoid_focal_loss(
+                logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum"
+            )
+            loss_class = loss_class / num_boxes
         src = boxes[image_idx, pred_idx]
         tgt = packed.boxes[gt_idx].to(src.dtype)
         return {
-            "loss_class": loss_class / num_boxes,
+            "loss_class": loss_class,
             "loss_bbox": l1_loss(src, tgt, reduction="sum") / num_boxes,
             "loss_giou": giou_loss(src, tgt, reduction="sum") / num_boxes,
         }
@@ -220,54 +260,13 @@ class MultiRouteCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         """``loss_mask`` and ``loss_dice`` of ``out["pred_masks"] (Tensor[B, Q, h, w])`` on the
         matched pairs ``indices`` against ``targets[b]["masks"] (Tensor[N_b, H, W])``, summed
-        and divided by ``num_boxes``."""
-        pred = out["pred_masks"]
-        b = len(targets)
-        if not isinstance(pred, Tensor) or pred.dim() != 4 or pred.shape[0] != b:
-            got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
-            raise ValueError(
-                f"MultiRouteCriterion: 'pred_masks' must be [B={b}, Q, h, w], got {got}"
-            )
-        src, tgt, canvas = [], [], None
-        for i, (p, g) in enumerate(indices):
-            masks = targets[i].get("masks")
-            n = targets[i]["labels"].shape[0]
-            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != n:
-                got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
-                raise ValueError(
-                    f"MultiRouteCriterion: image {i}: 'masks' must be [N={n}, H, W] "
-                    f"(needed with mask_loss and 'pred_masks'), received {got}"
-                )
-            if canvas is not None and masks.shape[-2:] != canvas:
-                raise ValueError(
-                    f"MultiRouteCriterion: image {i}: 'masks' are {tuple(masks.shape[-2:])}, "
-                    f"image 0's are {tuple(canvas)}; use one canvas size for the batch"
-                )
-            canvas = masks.shape[-2:]
-            src.append(pred[i, p.to(pred.device)])
-            tgt.append(masks[g.to(masks.device)])
-        bce, dice = self.mask_loss(torch.cat(src), torch.cat(tgt).to(pred.device))
-        return {"loss_mask": bce.sum() / num_boxes, "loss_dice": dice.sum() / num_boxes}
+        and divided by ``num_boxes`` (see :func:`~mrdetr.losses.matched_mask_losses`)."""
+        return matched_mask_losses(self.mask_loss, out["pred_masks"], targets, indices, num_boxes)
 
     def _check_route(self, route: str, out) -> list[tuple[str, Mapping]]:
         """``[(suffix, prediction dict)]`` of a route: its layers, then its encoder output."""
-        if not isinstance(out, Mapping):
-            raise ValueError(f"outputs[{route!r}] must be a dict, received {type(out).__name__}")
-        aux = out.get("aux_outputs", [])
-        if not isinstance(aux, Sequence) or isinstance(aux, Mapping):
-            raise ValueError(f"outputs[{route!r}]['aux_outputs'] must be a list of dicts")
-        sets = [(f"layer{i}", a) for i, a in enumerate(aux)]
-        sets.append((f"layer{len(aux)}", out))
-        if out.get("enc_outputs") is not None:
-            sets.append(("enc", out["enc_outputs"]))
-        for name, s in sets:
-            logits, _ = check_predictions(s, f"MultiRouteCriterion: route {route!r}, {name}")
-            if logits.shape[-1] != self.num_classes:
-                raise ValueError(
-                    f"MultiRouteCriterion: route {route!r}, {name}: pred_logits has "
-                    f"{logits.shape[-1]} classes, expected num_classes = {self.num_classes}"
-                )
-        return sets
+        softmax = self.classification == "softmax"
+        return prediction_sets(route, out, self.num_classes + softmax, softmax)
 
     def forward(self, outputs: Mapping[str, Mapping], targets: Sequence[Mapping]):
         """Losses of every route and layer; see the module docstring for the layout."""
@@ -278,35 +277,36 @@ class MultiRouteCriterion(nn.Module):
         first = next(iter(outputs.values()))
         b = first["pred_logits"].shape[0]
         like = first["pred_boxes"]
-        packed = pack_targets(targets, b, self.num_classes, like, "MultiRouteCriterion")
+        who = "MultiRouteCriterion"
+        packed = pack_targets(targets, b, self.num_classes, like, who, values=False)
         num_boxes = self.num_boxes(packed, like.device)
 
+        jobs = set_jobs(routes, self.matcher, self.encoder_matcher)
+
+        def check(flags: list[bool]) -> None:
+            if flags[0]:
+                check_format(packed, who)
+
+        # every matching of the call: one device read, one write back (matching.transfer)
+        sets_ = [(out, m) for *_, out, m in jobs]
+        flags = [format_flag(packed)]
+        found = match_sets(sets_, targets, packed, self.num_classes, who, flags, check)
         losses: dict[str, Tensor] = {}
         keys = LossKeys(self.key_style, next(iter(self.matcher)), self.weight_dict)
         total = like.new_zeros(())
+        done = iter(zip(jobs, found, strict=True))
         for route, sets in routes.items():
-            if route not in self.matcher:
-                raise ValueError(
-                    f"MultiRouteCriterion: no matcher for route {route!r}; the matcher has "
-                    f"{sorted(self.matcher)}"
-                )
             route_weight = self.route_weights.get(route, 1.0)
-            for suffix, out in sets:
-                if suffix == "enc" and self.encoder_matcher is not None:
-                    groups = {None: self.encoder_matcher(out, targets)}
-                else:
-                    groups = self.matcher.groups(route, out, targets)
+            for _ in range(sum(job[0] == route for job in jobs)):
+                (_, suffix, label, out, _), match = next(done)
                 scale = route_weight * (self.encoder_weight if suffix == "enc" else 1.0)
-                for label, indices in groups.items():
-                    terms = self.set_losses(out, packed, indices, num_boxes)
-                    if self.mask_loss is not None and out.get("pred_masks") is not None:
-                        terms.update(self.mask_set_losses(out, targets, indices, num_boxes))
-                    for term, value in terms.items():
-                        key = keys.add(
-                            term, route, label, suffix, sets, self.term_weights[term] * scale
-                        )
-                        losses[key] = value
-                        total = total + self.term_weights[term] * scale * value
+                terms = self.flat_losses(out, packed, *match.flat, num_boxes)
+                if self.mask_loss is not None and out.get("pred_masks") is not None:
+                    terms.update(self.mask_set_losses(out, targets, match.pairs, num_boxes))
+                for term, value in terms.items():
+                    w = self.term_weights[term] * scale
+                    losses[keys.add(term, route, label, suffix, sets, w)] = value
+                    total = total + w * value
             moe = outputs[route].get("loss_moe")
             if moe is not None:
                 if not isinstance(moe, Tensor) or moe.dim() != 0:

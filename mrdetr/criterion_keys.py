@@ -26,7 +26,10 @@ filled by each forward (the engines read it after calling the criterion). There 
 
 from __future__ import annotations
 
-__all__ = ["KEY_STYLES", "LossKeys", "detr_key"]
+import math
+import numbers
+
+__all__ = ["KEY_STYLES", "LossKeys", "check_weights", "detr_key"]
 
 KEY_STYLES = ("mrdetr", "detr")
 _RENAMED = {"loss_class": "loss_ce"}
@@ -88,3 +91,25 @@ class LossKeys:
         self.seen.add(key)
         self.weight_dict[key] = float(weight)
         return key
+
+
+def check_weights(term_weights, route_weights, routes, encoder_weight, terms) -> None:
+    """Raise a ``ValueError`` for a ``term_weights`` key not in ``terms``, a ``route_weights``
+    key not in ``routes`` (the matcher's), or a weight that is not a finite number (see
+    :meth:`MultiRouteCriterion.check_weights <mrdetr.criterion.MultiRouteCriterion.check_weights>`).
+    """
+    unknown = set(term_weights) - set(terms)
+    if unknown:
+        raise ValueError(f"weight_dict: unknown terms {sorted(unknown)}; expected {terms}")
+    unknown = set(route_weights) - set(routes)
+    if unknown:
+        raise ValueError(
+            f"route_weights: unknown routes {sorted(unknown)}; the matcher's routes are "
+            f"{list(routes)}"
+        )
+    named = [("encoder_weight", encoder_weight)]
+    named += [(f"weight_dict[{k!r}]", v) for k, v in term_weights.items()]
+    named += [(f"route_weights[{k!r}]", v) for k, v in route_weights.items()]
+    for name, v in named:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, received {v!r}")

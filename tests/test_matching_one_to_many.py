@@ -194,3 +194,16 @@ def test_cuda_matches_cpu():
     for (p, g), (cp, cg) in zip(got, cpu, strict=True):
         assert p.device.type == "cuda" and p.dtype == torch.int64
         assert torch.equal(p.cpu(), cp) and torch.equal(g.cpu(), cg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_ranked_equals_a_stable_sort_with_many_ties(dtype):
+    from mrdetr.matching.one_to_many import ranked
+
+    gen = torch.Generator().manual_seed(5)
+    quality = (torch.randint(-4, 5, (3, 4, 40), generator=gen) / 4).to(dtype)  # many ties
+    quality[0, 1, 7] = float("-inf")
+    quality[1, 2] = float("-inf")  # a padding row
+    quality[2, 0, 3] = -0.0
+    order = quality.sort(dim=2, descending=True, stable=True).indices[:, :, :6]
+    assert torch.equal(ranked(quality, 6), order)

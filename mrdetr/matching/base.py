@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .batch import Problem, match_all, plannable
 from .indices import MatchIndices, empty_indices
 from .inputs import PackedTargets, check_predictions, pack_targets
 from .workspace import MAX_BYTES, Workspace
@@ -79,6 +80,12 @@ class Matcher(nn.Module):
         who = type(self).__name__
         logits, boxes = check_predictions(outputs, who)
         b, q, k = logits.shape
+        if plannable(self):  # one device read and one write for the whole call
+            packed = pack_targets(targets, b, k, boxes, who, values=False)
+            self.extra_inputs(outputs, targets, packed)
+            with single_thread(logits.device):
+                (matched,), _ = match_all([Problem(self, logits, boxes)], packed, k, who)
+            return matched.pairs()
         packed = pack_targets(targets, b, k, boxes, who)
         extra = self.extra_inputs(outputs, targets, packed)
         if packed.max_size == 0 or q == 0:
@@ -96,7 +103,9 @@ class Matcher(nn.Module):
         return {}
 
     def match_packed(self, logits: Tensor, boxes: Tensor, packed: PackedTargets) -> MatchIndices:
-        """Match validated, detached ``logits (Tensor[B, Q, K])`` and ``boxes (Tensor[B, Q, 4])``
+        """(Matchers whose class declares ``_plans = True`` implement ``plan`` instead; see
+        :func:`~mrdetr.matching.batch.match_all`.) Match validated, detached ``logits
+        (Tensor[B, Q, K])`` and ``boxes (Tensor[B, Q, 4])``
         (``Q > 0``) with validated ``packed`` targets (at least one gt in the batch), plus the
         keyword arguments :meth:`extra_inputs` returned."""
         raise NotImplementedError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from .base import Matcher, working_dtype
@@ -15,7 +17,8 @@ from .costs import (
 )
 from .indices import MatchIndices, empty_indices
 from .inputs import PackedTargets
-from .solve import locate_non_finite, solve_blocks
+from .plan import Plan
+from .solve import locate_non_finite, raise_non_finite, solve_blocks, solve_pairs
 from .workspace import MAX_BYTES, fill_blocks
 
 # MatchIndices, empty_indices, locate_non_finite and solve_blocks live in .indices / .solve;
@@ -29,8 +32,9 @@ class HungarianMatcher(Matcher):
     ``C = cost_class * C_class + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU)``, with
     ``C_class = -softmax(logits)[label]`` (``class_cost="softmax"``, DETR) or the focal cost of
     Deformable-DETR / detrex (``class_cost="focal"``). Costs are computed for the whole batch at
-    once as per-image blocks ``[B, Q, N_max]`` (gts padded to the largest image), moved to the CPU
-    in one copy, and solved image by image.
+    once as per-image blocks ``[B, N_max, Q]`` (gts padded to the largest image), read to the host
+    with every other matching problem of the call in one transfer
+    (:func:`~mrdetr.matching.batch.match_all`), and solved image by image.
 
     Args:
         cost_class, cost_bbox, cost_giou: weights of the three costs (not all zero).
@@ -105,6 +109,28 @@ class HungarianMatcher(Matcher):
                 cost.add_(giou, alpha=-self.cost_giou)
 
         return fill_blocks(self._workspace, 5, (b, n, q), dtype, pred_boxes.device, fill)
+
+    _plans = True  # this class is matched through match_all (see batch.plannable)
+
+    def plan(self, logits: Tensor, pboxes: Tensor, padded, batch: int, repeat: int = 1) -> Plan:
+        """Device part of the matching of stacked problems ``logits (Tensor[S*B, Q, K])``,
+        ``pboxes (Tensor[S*B, Q, 4])`` against ``padded`` targets (``[S*B, N]``, see
+        :class:`~mrdetr.matching.batch.PaddedTargets`), ``batch = B``: the cost block, a fresh
+        ``Tensor[S*B, N, Q]`` to read; the plan's ``finish`` solves it on the host."""
+        cost = self._cost(logits, pboxes, padded.labels, padded.boxes)
+        cost = cost.to(torch.float32, copy=True)  # the workspace is reused by the next plan
+        who, sizes = type(self), padded.sizes
+
+        def finish(host: list) -> list:
+            (block,) = host
+            if not np.isfinite(block).all():
+                bad = [i for i, n in enumerate(sizes) if not np.isfinite(block[i, :n]).all()]
+                if bad:
+                    what = "the matching cost overflows (inf/NaN)"
+                    raise_non_finite(bad, batch, logits, pboxes, who.__name__, what)
+            return solve_pairs(block, sizes, repeat)
+
+        return Plan([cost], finish)
 
     def match_packed(
         self, logits: Tensor, pboxes: Tensor, packed: PackedTargets, repeat: int = 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PackedTargets", "check_predictions", "pack_targets"]
+__all__ = ["PackedTargets", "check_predictions", "check_values", "pack_targets", "value_flags"]
 
 
 def check_predictions(outputs: Mapping, who: str) -> tuple[Tensor, Tensor]:
@@ -68,14 +68,15 @@ class PackedTargets:
         """Pad to ``(labels (Tensor[B, N], int64), boxes (Tensor[B, N, 4]), mask (Tensor[B, N],
         bool))`` with ``N = max_size``; padding has label 0, box 0 and mask False."""
         b, n = len(self.sizes), self.max_size
-        device = self.labels.device
-        sizes = torch.tensor(self.sizes, device=device)
-        mask = torch.arange(n, device=device) < sizes[:, None]
-        labels = self.labels.new_zeros(b, n)
-        boxes = self.boxes.new_zeros(b, n, 4)
-        labels[mask] = self.labels
-        boxes[mask] = self.boxes
-        return labels, boxes, mask
+        if b == 0 or n == 0:
+            mask = torch.zeros(b, n, dtype=torch.bool, device=self.labels.device)
+            return self.labels.new_zeros(b, n), self.boxes.new_zeros(b, n, 4), mask
+        pad = torch.nn.utils.rnn.pad_sequence  # no device read (boolean-mask indexing has one)
+        ones = torch.ones(self.labels.shape[0], dtype=torch.bool, device=self.labels.device)
+        return tuple(
+            pad(list(t.split(self.sizes)), batch_first=True)
+            for t in (self.labels, self.boxes, ones)
+        )
 
     def image_of(self, flat_index: int) -> int:
         """Image index of the ``flat_index``-th concatenated target."""
@@ -88,10 +89,17 @@ class PackedTargets:
 
 
 def pack_targets(
-    targets: Sequence[Mapping], batch_size: int, num_classes: int, like: Tensor, who: str
+    targets: Sequence[Mapping],
+    batch_size: int,
+    num_classes: int,
+    like: Tensor,
+    who: str,
+    values: bool = True,
 ) -> PackedTargets:
     """Validate ``targets`` against a batch of ``batch_size`` images, ``num_classes`` classes and
-    the device / dtype of ``like`` (the predicted boxes), and concatenate them."""
+    the device / dtype of ``like`` (the predicted boxes), and concatenate them. With ``values``
+    False the value checks (one device read) are left to the caller: :func:`value_flags`, read
+    with other data, then :func:`check_values` when it is set."""
     if isinstance(targets, Mapping) or not isinstance(targets, Sequence):
         raise ValueError(
             f"{who}: targets must be a list of dicts, received {type(targets).__name__}"
@@ -134,16 +142,33 @@ def pack_targets(
         flat_labels = torch.cat(labels).long()
         flat_boxes = torch.cat(boxes).to(like.dtype)
     packed = PackedTargets(flat_labels, flat_boxes, sizes)
-    _check_values(packed, num_classes, who)
+    if values:
+        check_values(packed, num_classes, who)
     return packed
 
 
-def _check_values(packed: PackedTargets, num_classes: int, who: str) -> None:
-    if packed.labels.numel() == 0:
-        return
+def _bad_values(packed: PackedTargets, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
     bad_label = (packed.labels < 0) | (packed.labels >= num_classes)
     bad_box = ~torch.isfinite(packed.boxes).all(-1)
     negative = (packed.boxes[:, 2:] < 0).any(-1)
+    return bad_label, bad_box, negative
+
+
+def value_flags(packed: PackedTargets, num_classes: int) -> Tensor:
+    """A device ``bool Tensor[]``: True when a label is outside ``[0, num_classes)``, a box is
+    not finite or has a negative width or height (no host read)."""
+    if packed.labels.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=packed.labels.device)
+    bad_label, bad_box, negative = _bad_values(packed, num_classes)
+    return (bad_label | bad_box | negative).any()
+
+
+def check_values(packed: PackedTargets, num_classes: int, who: str) -> None:
+    """Raise a ``ValueError`` naming the image and the value for the first check of
+    :func:`value_flags` that fails (reads the device); return when none does."""
+    if packed.labels.numel() == 0:
+        return
+    bad_label, bad_box, negative = _bad_values(packed, num_classes)
     if not bool((bad_label | bad_box | negative).any()):  # one sync for all checks
         return
     if bool(bad_label.any()):

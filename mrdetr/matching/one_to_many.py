@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .base import Matcher, working_dtype
 from .costs import gather_logits, iou_block, xyxy
-from .indices import MatchIndices
-from .inputs import PackedTargets
-from .solve import locate_non_finite
+from .plan import Plan
+from .solve import raise_non_finite
 from .workspace import MAX_BYTES, fill_blocks
 
 __all__ = ["OneToManyMatcher"]
@@ -21,7 +21,8 @@ class OneToManyMatcher(Matcher):
     The rules (per image; ``quality`` is computed from detached predictions):
 
     1. ``quality[q, g] = iou_weight * IoU(pred q, gt g) + class_weight * sigmoid(logit[q,
-       label_g])``;
+       label_g])`` (``classification="softmax"``: ``softmax(logits[q])[label_g]``, DETR's
+       class probability with a no-object logit);
     2. each prediction's best gt is ``argmax_g quality[q, g]``; the prediction is positive when
        that quality is ``>= iou_threshold``;
     3. with ``low_quality_matches``, each gt's single highest-quality prediction is positive too
@@ -48,11 +49,18 @@ class OneToManyMatcher(Matcher):
         class_weight: float = 0.3,
         low_quality_matches: bool = True,
         *,
+        classification: str = "sigmoid",
         workspace_bytes: int = MAX_BYTES,
     ) -> None:
         super().__init__(workspace_bytes=workspace_bytes)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"OneToManyMatcher: k must be an int >= 1, received {k!r}")
+        if classification not in ("sigmoid", "softmax"):
+            raise ValueError(
+                "OneToManyMatcher: classification must be 'sigmoid' or 'softmax', received "
+                f"{classification!r}"
+            )
+        self.classification = classification
         self.k, self.iou_threshold = k, iou_threshold
         self.iou_weight, self.class_weight = iou_weight, class_weight
         self.low_quality_matches = low_quality_matches
@@ -60,7 +68,8 @@ class OneToManyMatcher(Matcher):
     def extra_repr(self) -> str:
         return (
             f"k={self.k}, iou_threshold={self.iou_threshold}, iou_weight={self.iou_weight}, "
-            f"class_weight={self.class_weight}, low_quality_matches={self.low_quality_matches}"
+            f"class_weight={self.class_weight}, low_quality_matches={self.low_quality_matches}, "
+            f"classification={self.classification!r}"
         )
 
     def quality(
@@ -78,63 +87,78 @@ class OneToManyMatcher(Matcher):
         dtype = working_dtype(pred_boxes)
         pred_logits, pred_boxes, boxes = (x.to(dtype) for x in (pred_logits, pred_boxes, boxes))
         pred_xyxy = xyxy(pred_boxes)
+        softmax = self.classification == "softmax"
+        lse = pred_logits.logsumexp(-1, keepdim=True) if softmax else None
 
         def fill(bufs: list[Tensor], rows: slice) -> None:
             quality, s0, s1 = bufs
             iou_block(xyxy(boxes[:, rows]), pred_xyxy, quality, [s0, s1], giou=False)
             lab = labels[:, rows]
-            prob = gather_logits(pred_logits, lab, s0.view(b, q, lab.shape[1])).sigmoid_()
+            prob = gather_logits(pred_logits, lab, s0.view(b, q, lab.shape[1]))
+            prob = prob.sub_(lse).exp_() if softmax else prob.sigmoid_()
             quality.mul_(self.iou_weight).add_(prob.transpose(1, 2), alpha=self.class_weight)
 
         return fill_blocks(self._workspace, 3, (b, n, q), dtype, pred_boxes.device, fill)
 
-    def match_packed(self, logits: Tensor, pboxes: Tensor, packed: PackedTargets) -> MatchIndices:
-        """Rules 2-5 on validated predictions and packed targets (see :class:`Matcher`)."""
-        who = type(self).__name__
+    _plans = True  # this class is matched through match_all (see batch.plannable)
+
+    def plan(self, logits: Tensor, pboxes: Tensor, padded, batch: int) -> Plan:
+        """Rules 2-5 on the device for stacked problems ``logits (Tensor[S*B, Q, K])``,
+        ``pboxes (Tensor[S*B, Q, 4])`` against ``padded`` targets (``[S*B, N]``), ``batch = B``,
+        with fixed-size tensors only (no data-dependent shapes, no host read). The host gets
+        each gt's ranked predictions ``Tensor[S*B, N, kk]``, their counts ``Tensor[S*B, N]`` and
+        a non-finite flag per image; the plan's ``finish`` lists the pairs."""
         b, q, _ = logits.shape
-        device = logits.device
-        labels, boxes, mask = packed.padded()
+        labels, boxes, mask = padded.labels, padded.boxes, padded.mask
         n = labels.shape[1]
         quality = self._quality(logits, pboxes, labels, boxes)  # [B, N, Q]
         # NaN anywhere in a real gt's row makes its sum NaN (quality is in [0, 1] or NaN)
         non_finite = (~torch.isfinite(quality.sum(2)) & mask).any(1)  # [B]
-        if min(packed.sizes) < n:
+        if min(padded.sizes) < n:
             quality.masked_fill_(~mask[:, :, None], float("-inf"))
         kk = min(self.k, q)
-        # each gt's kk + 1 best predictions, decreasing: rank 0 is rule 3's, ranks < kk rule 5's
-        vals, order = quality.topk(min(kk + 1, q), dim=2)  # [B, N, kk(+1)]
-        same = vals[:, :, 1:] == vals[:, :, :-1]  # exact ties between neighbouring ranks
-
-        # Rule 2: positives; rule 3: each gt's best prediction (topk's rank 0, unless tied).
+        order = ranked(quality, kk)  # [B, N, kk]: decreasing quality, lower index first on ties
+        # Rule 2: positives; rule 3: each real gt's best prediction (rank 0) is positive too.
         positive = quality.amax(dim=1) >= self.iou_threshold  # [B, Q]
-        lq_tie = torch.zeros((), dtype=torch.bool, device=device)
         if self.low_quality_matches:
-            top_pred = order[:, :, 0]
-            if same.shape[2]:
-                lq_tie = (same[:, :, 0] & mask).any()
-            if bool(non_finite.any() | lq_tie):  # sync; rare path: first index among ties
-                top_pred = quality.argmax(dim=2)
-            image = torch.arange(b, device=device)[:, None].expand(b, n)
-            positive[image[mask], top_pred[mask]] = True
-        # Rule 4: the best gt of each positive (first index among ties), counted per gt.
-        pos_image, pos_pred = positive.nonzero(as_tuple=True)
-        best_gt = quality[pos_image, :, pos_pred].argmax(dim=1)  # [P]
-        count = torch.bincount(pos_image * n + best_gt, minlength=b * n).view(b, n)
-        count = count.clamp_(max=kk)
+            hits = torch.zeros(b, q, dtype=torch.int64, device=logits.device)
+            positive |= hits.scatter_add_(1, order[:, :, 0], mask.long()) > 0
+        # Rule 4: the best gt of every prediction (first index among ties), counted per gt
+        # over the positives.
+        best_gt = quality.argmax(dim=1)  # [B, Q]
+        count = torch.zeros(b, n, dtype=torch.int64, device=logits.device)
+        count = count.scatter_add_(1, best_gt, positive.long()).clamp_(max=kk)
+        who, sizes = type(self).__name__, padded.sizes
 
-        # Rule 5: ranks < count; a tie inside the selection falls back to a stable sort.
-        cut = torch.arange(same.shape[2], device=device) < count[:, :, None]
-        flags = torch.stack([non_finite.any(), (same & cut).any()]).long()
-        stats = torch.cat([count.sum(1), flags]).tolist()
-        per_image, (bad, ties) = stats[:b], stats[b:]
-        if bad:
-            bad_images = non_finite.nonzero()[:, 0].tolist()
-            locate_non_finite(logits, pboxes, bad_images, who)
-            raise ValueError(f"{who}: image {bad_images[0]}: matching quality is not finite")
-        if ties:
-            order = quality.sort(dim=2, descending=True, stable=True).indices
-        order = order[:, :, :kk]  # [B, N, kk]
-        selected = torch.arange(kk, device=device) < count[:, :, None]  # [B, N, kk]
-        _, gt_idx, _ = selected.nonzero(as_tuple=True)  # ordered by image, gt, rank
-        pred_idx = order[selected]
-        return list(zip(pred_idx.split(per_image), gt_idx.split(per_image), strict=True))
+        def finish(host: list) -> list:
+            order_h, count_h, bad = host
+            if bad.any():
+                what = "matching quality is not finite"
+                raise_non_finite(list(np.flatnonzero(bad)), batch, logits, pboxes, who, what)
+            # Rule 5: each gt's count best predictions, ordered by image, gt, rank.
+            selected = np.arange(kk) < count_h[:, :, None]  # [B, N, kk]
+            out = []
+            for i, n_i in enumerate(sizes):
+                gt = np.nonzero(selected[i, :n_i])[0].astype(np.int64)
+                out.append((order_h[i, :n_i][selected[i, :n_i]].astype(np.int64), gt))
+            return out
+
+        return Plan([order, count, non_finite], finish)
+
+
+def ranked(quality: Tensor, kk: int) -> Tensor:
+    """Indices of the ``kk`` best predictions of every gt, ``Tensor[B, N, kk]`` from ``quality
+    (Tensor[B, N, Q])``: decreasing quality, ties to the lower index (a stable sort's order).
+
+    float32 (and lower) quality is ranked by one ``topk`` of exact int64 keys (the value's
+    order-preserving bit pattern above the reversed index), so ties need no second pass;
+    float64 by a stable sort.
+    """
+    if quality.dtype == torch.float64:
+        return quality.sort(dim=2, descending=True, stable=True).indices[:, :, :kk]
+    bits = (quality.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 -> +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float's value
+    low = 2**32 - 1 - torch.arange(quality.shape[2], device=quality.device)
+    keys = bits * 2**32 + low
+    top = keys.topk(kk, dim=2).values
+    return (2**32 - 1) - (top & (2**32 - 1))

@@ -35,6 +35,12 @@ class RepeatedGTMatcher(HungarianMatcher):
     def extra_repr(self) -> str:
         return f"k={self.k}, " + super().extra_repr()
 
+    _plans = True  # this class is matched through match_all (see batch.plannable)
+
+    def plan(self, logits: Tensor, pboxes: Tensor, padded, batch: int, repeat: int = 1):
+        """:meth:`HungarianMatcher.plan` with the gts repeated ``k * repeat`` times."""
+        return super().plan(logits, pboxes, padded, batch, self.k * repeat)
+
     def match_packed(
         self, logits: Tensor, pboxes: Tensor, packed: PackedTargets, repeat: int = 1
     ) -> MatchIndices:

@@ -1,4 +1,10 @@
-"""``RouteMatcher``: one matcher (or a named group of matchers) per route."""
+"""``RouteMatcher``: one matcher (or a *matcher group*, several labelled matchers) per route.
+
+"Group" here always means a matcher group: the matchers that supervise one route (e.g.
+``{"o2o": HungarianMatcher(), "o2m": OneToManyMatcher()}`` for a route with supervision
+``"both"``). It is unrelated to how the decoder packs routes together for a sub-layer (the
+route plan's *packs*, :mod:`mrdetr.layers.route_plan`).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ class RouteMatcher:
 
     Args:
         matchers: ``{route_name: matcher}``. A matcher is any callable ``matcher(outputs,
-            targets) -> list of (pred_idx, gt_idx)``; an entry may also be a *group*, a mapping
+            targets) -> list of (pred_idx, gt_idx)``; an entry may also be a *matcher group*
+            (several matchers supervising the same route's predictions), a mapping
             ``{label: matcher}`` (for example ``{"o2o": HungarianMatcher(), "o2m":
             OneToManyMatcher()}``), whose route is supervised by every matcher of the group.
 
@@ -53,6 +60,7 @@ class RouteMatcher:
         routes: Iterable,
         one_to_one: object | None = None,
         one_to_many: object | None = None,
+        classification: str = "sigmoid",
     ) -> RouteMatcher:
         """Default matchers for a route set, following each route's supervision.
 
@@ -60,10 +68,22 @@ class RouteMatcher:
         ``one_to_one``, default :class:`HungarianMatcher`), ``"o2m"`` (gets ``one_to_many``,
         default :class:`OneToManyMatcher`) or ``"both"`` (gets the group ``{"o2o": one_to_one,
         "o2m": one_to_many}``, so the route returns a dict with both results). Routes with the
-        same supervision share one matcher instance.
+        same supervision share one matcher instance. ``classification`` (``"sigmoid"`` or
+        ``"softmax"``, as :class:`~mrdetr.criterion.MultiRouteCriterion`'s) picks the class
+        cost of the default matchers: focal / sigmoid probability, or DETR's softmax
+        probability.
         """
-        one_to_one = HungarianMatcher() if one_to_one is None else one_to_one
-        one_to_many = OneToManyMatcher() if one_to_many is None else one_to_many
+        if classification not in ("sigmoid", "softmax"):
+            raise ValueError(
+                "RouteMatcher.for_routes: classification must be 'sigmoid' or 'softmax', "
+                f"received {classification!r}"
+            )
+        if one_to_one is None:
+            one_to_one = HungarianMatcher(
+                class_cost="softmax" if classification == "softmax" else "focal"
+            )
+        if one_to_many is None:
+            one_to_many = OneToManyMatcher(classification=classification)
         matchers: dict[str, object] = {}
         for i, route in enumerate(routes):
             name = getattr(route, "name", None)
@@ -114,11 +134,17 @@ class RouteMatcher:
             return {label: m(outputs, targets) for label, m in entry.items()}
         return entry(outputs, targets)
 
+    def entries(self, route: str) -> dict[str | None, object]:
+        """The matchers of ``route`` without calling them: ``{label: matcher}`` for a matcher
+        group, ``{None: matcher}`` for a single matcher."""
+        entry = self._entry(route)
+        return dict(entry) if isinstance(entry, Mapping) else {None: entry}
+
     def groups(
         self, route: str, outputs: Mapping, targets: Sequence[Mapping]
     ) -> dict[str | None, MatchIndices]:
-        """Like calling, but always a dict: ``{label: indices}`` for a group and ``{None:
-        indices}`` for a single matcher."""
+        """Like calling, but always a dict: ``{label: indices}`` for a matcher group and
+        ``{None: indices}`` for a single matcher."""
         entry = self._entry(route)
         if isinstance(entry, Mapping):
             return {label: m(outputs, targets) for label, m in entry.items()}
