@@ -68,15 +68,17 @@ def build(src: Path):
     folder.mkdir(parents=True, exist_ok=True)
     half = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__"]
     try:
-        return ext.load(
-            name="deformable_detr_msda",
-            sources=[str(src / "vision.cpp"), str(src / "cuda" / "ms_deform_attn_cuda.cu")],
-            extra_include_paths=[str(src)],
-            extra_cflags=["-O3", "-DWITH_CUDA"],
-            extra_cuda_cflags=["-O3", "-DWITH_CUDA", "-DCUDA_HAS_FP16=1", *half],
-            build_directory=str(folder),
-            verbose=os.environ.get("MRDETR_VERBOSE_BUILD", "") not in ("", "0"),
-        )
+        with _build._folder_lock(folder):  # one build at a time; a killed one's lock is stale
+            _build._remove_stale_baton(folder)
+            return ext.load(
+                name="deformable_detr_msda",
+                sources=[str(src / "vision.cpp"), str(src / "cuda" / "ms_deform_attn_cuda.cu")],
+                extra_include_paths=[str(src)],
+                extra_cflags=["-O3", "-DWITH_CUDA"],
+                extra_cuda_cflags=["-O3", "-DWITH_CUDA", "-DCUDA_HAS_FP16=1", *half],
+                build_directory=str(folder),
+                verbose=os.environ.get("MRDETR_VERBOSE_BUILD", "") not in ("", "0"),
+            )
     except Exception as exc:  # noqa: BLE001  say why, with the compiler's last lines
         tail = " | ".join(str(exc).strip().splitlines()[-6:])[-1500:]
         raise SystemExit(
