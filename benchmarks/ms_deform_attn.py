@@ -3,6 +3,8 @@
     python benchmarks/ms_deform_attn.py                        # CPU, 1 and 2 threads, fp32
     python benchmarks/ms_deform_attn.py --baseline bad594d     # + the kernel of a git revision
     python benchmarks/ms_deform_attn.py --device cuda          # on a GPU
+    python benchmarks/ms_deform_attn.py --device cuda --against-deformable-detr PATH
+                      # + Deformable-DETR's CUDA kernel, built from PATH (its models/ops/src)
 
 Prints medians (ms) over ``--reps`` repetitions after warm-up and the reference/kernel ratio
 (higher = kernel faster) for three sampling patterns (see ``sampling_locations``): ``uniform``
@@ -12,6 +14,8 @@ The kernel's uniform / hot time ratio measures how well it hides memory latency 
 nothing beyond their arithmetic), independently of the machine's speed. ``--memory`` adds the
 peak memory of one forward+backward (fp32). ``--baseline REV`` times the CPU kernel of a git
 revision and the current one on the raw ops (see ``benchmarks/_msda_kernels.py``).
+``--against-deformable-detr PATH`` times issue 18's cases against Deformable-DETR's kernel, built
+from the user's checkout at run time (see ``benchmarks/_deformable_detr.py``).
 """
 
 from __future__ import annotations
@@ -210,6 +214,19 @@ def parse_args(argv=None):
         help="git revision whose CPU kernel to time against the current one (raw ops)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (--baseline)")
+    parser.add_argument(
+        "--against-deformable-detr",
+        metavar="PATH",
+        help="models/ops/src of a Deformable-DETR checkout: time its CUDA kernel against ours",
+    )
+    ddetr_cases = ["dec-B2-Q300", "dec-B2-Q2700", "dec-B8-Q900", "enc-B2"]
+    parser.add_argument("--ddetr-cases", nargs="+", default=ddetr_cases, choices=ddetr_cases)
+    parser.add_argument(
+        "--ddetr-dtypes",
+        nargs="+",
+        default=["float32", "float16", "bfloat16"],
+        choices=["float32", "float16", "bfloat16"],
+    )
     return parser.parse_args(argv)
 
 
@@ -219,6 +236,11 @@ def main():
     device = args.device
     threads = args.threads if device == "cpu" else [torch.get_num_threads()]
     print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, B=2, H=8, D=32, P=4")
+    if args.against_deformable_detr:
+        import _deformable_detr
+
+        _deformable_detr.compare(args)
+        return
     if args.baseline:
         import _msda_kernels
 

@@ -1,14 +1,17 @@
 // Argument checks and contiguous inputs shared by the CPU and CUDA kernels. The shape and dtype
 // checks are a safety net for direct calls to torch.ops.mrdetr.* (the Python wrapper raises
-// clearer errors first). The level check is the one that keeps the kernels inside `value`
-// whatever the caller passes (reused numpy buffers, writes through .data, torch.compile, direct
-// calls): it reads spatial_shapes and level_start_index on the host at every call.
+// clearer errors first). Nothing here copies from the device: the bounds safety of the kernels
+// does not depend on any host check (ms_deform_attn.h, safe_level). Level tensors that already
+// live on the host (CPU inputs) are also checked here, at no transfer cost, so that a bad direct
+// CPU call raises ValueError instead of sampling zeros.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
+
+#include "ms_deform_attn.h"
 
 namespace mrdetr {
 
@@ -21,19 +24,20 @@ struct OpInputs {
   std::vector<int64_t> output_sizes() const { return {B, Q, H * D}; }
 };
 
-// Every level must lie inside value's S positions: h > 0, w > 0, start >= 0 and
-// start + h * w <= S (written without overflow). Raises ValueError in Python.
-inline void check_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                         int64_t S) {
-  const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
-  const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
+// Host level tensors only (never a device copy): every level must lie inside value's S
+// positions, the same predicate (level_fits) the kernels apply. Raises ValueError in Python.
+inline void check_host_levels(const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, int64_t S) {
+  if (!spatial_shapes.device().is_cpu() || !level_start_index.device().is_cpu()) return;
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const at::Tensor starts = level_start_index.contiguous();
   const int64_t* sp = shapes.data_ptr<int64_t>();
   const int64_t* st = starts.data_ptr<int64_t>();
   for (int64_t l = 0; l < shapes.size(0); ++l) {
     const int64_t h = sp[2 * l], w = sp[2 * l + 1], start = st[l];
     TORCH_CHECK_VALUE(h > 0 && w > 0, "ms_deform_attn: spatial_shapes must be positive, level ",
                       l, " is (", h, ", ", w, ")");
-    TORCH_CHECK_VALUE(start >= 0 && start <= S && h <= S - start && w <= (S - start) / h,
+    TORCH_CHECK_VALUE(level_fits(start, h, w, S),
                       "ms_deform_attn: level ", l, " (start ", start, ", shape (", h, ", ", w,
                       ")) does not fit in value's S=", S,
                       " positions: need 0 <= start and start + h*w <= S");
@@ -68,7 +72,7 @@ inline OpInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatia
     TORCH_CHECK(t->device() == value.device(), "all inputs must be on value's device ",
                 value.device(), ", got ", t->device());
   }
-  check_levels(spatial_shapes, level_start_index, value.size(1));
+  check_host_levels(spatial_shapes, level_start_index, value.size(1));
   OpInputs in{value.contiguous(),
               spatial_shapes.contiguous(),
               level_start_index.contiguous(),

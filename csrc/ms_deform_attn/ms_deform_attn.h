@@ -42,8 +42,8 @@ MRDETR_HD double floor_(double x) { return ::floor(x); }
 //   zeros with zero location gradient. Coordinates are compared in floating point before any
 //   conversion to an integer, so no value of loc is undefined behaviour;
 // - a NaN in value reaches every output that reads that pixel (IEEE arithmetic).
-// Kernels get this by building points with bilinear() and summing them with point_forward /
-// point_backward / sample_channel; a kernel with loops of its own checks nan_point() per point.
+// Kernels get this by building points with bilinear() and summing them with point_backward /
+// sample_channel; a kernel with loops of its own checks nan_point() per point.
 template <typename acc_t>
 MRDETR_HD acc_t quiet_nan() {
   return std::numeric_limits<acc_t>::quiet_NaN();
@@ -52,6 +52,29 @@ MRDETR_HD acc_t quiet_nan() {
 template <typename acc_t>
 MRDETR_HD bool is_nan(acc_t x) {
   return x != x;
+}
+
+// Bounds safety (one rule for every kernel). The host does not have to check the level
+// tensors: a caller may pass any spatial_shapes / level_start_index (torch.ops.mrdetr.* called
+// directly, a stale host list, a write through .data) and no kernel reads outside `value`.
+// Every kernel takes a level's geometry through safe_level(): a level that does not lie wholly
+// inside value's S positions becomes an empty level (height = width = 0, start = 0), whose
+// points read no pixel and sample zeros. For a level that fits, every corner bilinear() returns
+// is a pixel y * width + x with 0 <= y < height, 0 <= x < width, so start + offset < start +
+// height * width <= S: each corner read stays inside value[b, :, h, :].
+struct Level {
+  int64_t start, height, width;
+};
+
+// h > 0, w > 0, 0 <= start and start + h * w <= S, written without overflow.
+MRDETR_HD bool level_fits(int64_t start, int64_t height, int64_t width, int64_t S) {
+  return height > 0 && width > 0 && start >= 0 && start <= S && height <= S - start &&
+         width <= (S - start) / height;
+}
+
+MRDETR_HD Level safe_level(int64_t start, int64_t height, int64_t width, int64_t S) {
+  if (level_fits(start, height, width, S)) return {start, height, width};
+  return {0, 0, 0};
 }
 
 // The four bilinear corners of one sampling point on one level (zero padding).
@@ -65,15 +88,16 @@ struct Bilinear {
 
 // Pixel coordinates follow grid_sample(align_corners=False): x = loc_x * width - 0.5.
 // Points with x <= -1, x >= width (same for y, +-inf included) touch no pixel: every offset is
-// -1. A NaN location touches no pixel either and sets `nan`.
+// -1. A NaN location touches no pixel either and sets `nan`. An empty level (safe_level) has
+// no pixel: every offset is -1.
 template <typename acc_t>
 MRDETR_HD Bilinear<acc_t> bilinear(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width) {
   Bilinear<acc_t> b;
   const acc_t x = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
   const acc_t y = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
   b.nan = is_nan(loc_x) || is_nan(loc_y);
-  if (!(x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(width) &&
-        y < static_cast<acc_t>(height))) {
+  if (!(height > 0 && width > 0 && x > acc_t(-1) && y > acc_t(-1) &&
+        x < static_cast<acc_t>(width) && y < static_cast<acc_t>(height))) {
     for (int c = 0; c < 4; ++c) {
       b.offset[c] = -1;
       b.weight[c] = acc_t(0);
@@ -115,24 +139,6 @@ MRDETR_HD acc_t sample_channel(const scalar_t* v, int64_t pixel_stride, const Bi
     if (b.offset[c] >= 0) s += b.weight[c] * static_cast<acc_t>(v[b.offset[c] * pixel_stride + d]);
   }
   return s;
-}
-
-// out[0:D] += attn * sample(0:D), corner by corner so the channel loop is a contiguous axpy.
-// A NaN location or weight adds NaN even when the point is outside the map (NaN * 0).
-template <typename scalar_t, typename acc_t>
-MRDETR_HD void point_forward(const scalar_t* v, int64_t pixel_stride, const Bilinear<acc_t>& b,
-                             acc_t attn, int64_t channels, acc_t* out) {
-  if (nan_point(b, attn)) {
-    for (int64_t d = 0; d < channels; ++d) out[d] = quiet_nan<acc_t>();
-    return;
-  }
-  for (int c = 0; c < 4; ++c) {
-    if (b.offset[c] < 0) continue;
-    const scalar_t* vc = v + b.offset[c] * pixel_stride;
-    const acc_t w = attn * b.weight[c];
-    MRDETR_SIMD
-    for (int64_t d = 0; d < channels; ++d) out[d] += w * static_cast<acc_t>(vc[d]);
-  }
 }
 
 // The gradients of a point that reads no pixel: NaN for a NaN location, zero for a point wholly

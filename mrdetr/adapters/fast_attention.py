@@ -59,12 +59,13 @@ class FastDeformableSampling(nn.Module):
         attention_weights: Tensor,
         im2col_step: int = 64,
     ) -> Tensor:
-        """HF's signature; ``value_spatial_shapes_list`` and ``im2col_step`` are not needed.
+        """HF's signature; ``im2col_step`` is not needed.
 
         Args:
             value (Tensor[B, S, H, D]): projected value maps, flattened over the levels.
             value_spatial_shapes (Tensor[L, 2], int64): ``(h, w)`` of every level.
-            value_spatial_shapes_list: the same as Python ints (HF passes it; unused here).
+            value_spatial_shapes_list: the same as Python ints (HF passes it): the op's checks
+                use it, so the call reads nothing from the device.
             level_start_index (Tensor[L], int64): start of every level in ``S``.
             sampling_locations (Tensor[B, Q, H, L, P, 2]): normalised ``(x, y)``.
             attention_weights (Tensor[B, Q, H, L, P]): softmaxed weights.
@@ -80,6 +81,7 @@ class FastDeformableSampling(nn.Module):
             sampling_locations,
             attention_weights,
             backend=self.backend,
+            spatial_shapes_list=value_spatial_shapes_list,
         )
 
     def extra_repr(self) -> str:

@@ -110,6 +110,8 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         key_padding_mask: Tensor | None = None,
+        *,
+        spatial_shapes_list: list[tuple[int, int]] | None = None,
     ) -> Tensor:
         """Attend from ``query`` to the multi-level ``value`` maps.
 
@@ -124,6 +126,9 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index (Tensor[L], int64): start of every level in ``S``.
             key_padding_mask (Tensor[B, S], bool, optional): True at padded positions, whose
                 values are zeroed.
+            spatial_shapes_list: ``spatial_shapes`` as host ``(h, w)`` integers (HF's
+                convention). With it the op reads nothing from the device; without it, it reads
+                the level tensors once per call (a synchronisation on CUDA).
 
         Returns:
             Tensor[B, Q, C] (``[Q, B, C]`` when ``batch_first=False``).
@@ -150,7 +155,13 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             locations = ref[..., :2] + offsets / p * ref[..., 2:] * 0.5
         out = ms_deform_attn(
-            v, spatial_shapes, level_start_index, locations, weights, backend=self.backend
+            v,
+            spatial_shapes,
+            level_start_index,
+            locations,
+            weights,
+            backend=self.backend,
+            spatial_shapes_list=spatial_shapes_list,
         )
         out = self.output_proj(out)
         return out if self.batch_first else out.transpose(0, 1)

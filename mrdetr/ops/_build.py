@@ -6,8 +6,9 @@ Nothing here runs at ``import mrdetr``: the CPU library is built on the first CP
 holding the fingerprint of what it was built from (sources, flags, versions) and the size and
 SHA-256 of the library itself. A later process loads the library only when both match, so a
 stale, truncated or overwritten library is rebuilt instead of loaded (a truncated library
-kills the process with SIGBUS inside ``dlopen``). ``torch.utils.cpp_extension.load`` serialises
-concurrent builds of one folder with a lock file. Tools and flags come from ``_toolchain.py``.
+kills the process with SIGBUS inside ``dlopen``). Concurrent builds of one folder are serialised
+by a POSIX lock (``_folder_lock``), which also makes the lock file torch leaves behind after a
+killed build recognisably stale. Tools and flags come from ``_toolchain.py``.
 """
 
 from __future__ import annotations
@@ -168,6 +169,24 @@ def _folder_lock(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _remove_stale_baton(folder: Path) -> None:
+    """Delete torch's ``lock`` file in ``folder``: under our lock, it can only be stale.
+
+    ``torch.utils.cpp_extension.load`` creates ``<build dir>/lock`` for the duration of a build
+    and waits, with no output and no timeout, for as long as the file exists. A build killed by
+    SIGKILL or SIGTERM leaves the file behind, and every later build would wait forever. Every
+    mrdetr build of ``folder`` runs while holding ``_folder_lock`` (``flock``, which the kernel
+    releases when its owner dies), so once we hold it no other process is building here: a
+    ``lock`` file is the remnant of a killed build. (Without ``fcntl``, on Windows, there is no
+    such lock and the file is left to torch.)
+    """
+    try:
+        import fcntl  # noqa: F401  only where _folder_lock really locks
+    except ImportError:
+        return
+    (folder / "lock").unlink(missing_ok=True)
+
+
 def _compile_locked(kind, isa, name, folder, library, stamp, flags, fingerprint):
     if _verified(library, stamp, fingerprint):  # another process finished it meanwhile
         try:
@@ -178,6 +197,7 @@ def _compile_locked(kind, isa, name, folder, library, stamp, flags, fingerprint)
             return True, f"loaded from the build cache {library}"
     stamp.unlink(missing_ok=True)  # no process trusts the library while it is rebuilt
     library.unlink(missing_ok=True)  # ninja would keep a damaged one whose date is newer
+    _remove_stale_baton(folder)
     ext = _toolchain.cpp_extension(kind)
     try:
         ext.load(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _autocast
+
 FORWARD = "mrdetr::ms_deform_attn_forward"
 BACKWARD = "mrdetr::ms_deform_attn_backward"
 
@@ -76,3 +78,4 @@ torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context
 # The backward op's outputs are differentiable in form only: without this, a second derivative
 # through the kernels would silently be zero.
 torch.library.register_autograd(BACKWARD, _double_backward, setup_context=_no_context)
+_autocast.register(FORWARD)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -16,6 +18,8 @@ def ms_deform_attn_reference(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    *,
+    spatial_shapes_list: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     """Multi-scale deformable attention written with ``F.grid_sample``.
 
@@ -38,6 +42,8 @@ def ms_deform_attn_reference(
         sampling_locations (Tensor[B, Q, H, L, P, 2]): ``(x, y)`` in ``[0, 1]``; points outside
             (``+-inf`` included) sample zeros, a NaN point samples NaN.
         attention_weights (Tensor[B, Q, H, L, P]): weight of every sample.
+        spatial_shapes_list: the same levels as host ``(h, w)`` integers; without it
+            ``spatial_shapes`` is read on the host (a device-to-host copy).
 
     Returns:
         Tensor[B, Q, H * D]
@@ -45,7 +51,9 @@ def ms_deform_attn_reference(
     del level_start_index  # the split sizes below carry the same information
     b, _, h, d = value.shape
     _, q, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(hh), int(ww)) for hh, ww in spatial_shapes.tolist()]
+    if spatial_shapes_list is None:
+        spatial_shapes_list = spatial_shapes.tolist()
+    shapes = [(hh, ww) for hh, ww in spatial_shapes_list]
     value_levels = value.split([hh * ww for hh, ww in shapes], dim=1)
     # A point is outside level l when its pixel coordinate x = loc_x * w - 0.5 is <= -1 or >= w,
     # i.e. loc_x <= -0.5 / w or loc_x >= 1 + 0.5 / w (same for y with h). Clamping every location

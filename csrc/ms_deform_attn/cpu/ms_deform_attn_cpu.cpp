@@ -27,14 +27,16 @@ struct Levels {
   std::vector<int64_t> height, width, start;
 };
 
+// The levels through safe_level (ms_deform_attn.h): a level outside value reads nothing.
 Levels read_levels(const OpInputs& in) {
   const int64_t* s = in.spatial_shapes.data_ptr<int64_t>();
   const int64_t* l = in.level_start_index.data_ptr<int64_t>();
   Levels lv;
   for (int64_t i = 0; i < in.L; ++i) {
-    lv.height.push_back(s[2 * i]);
-    lv.width.push_back(s[2 * i + 1]);
-    lv.start.push_back(l[i]);
+    const Level safe = safe_level(l[i], s[2 * i], s[2 * i + 1], in.S);
+    lv.height.push_back(safe.height);
+    lv.width.push_back(safe.width);
+    lv.start.push_back(safe.start);
   }
   return lv;
 }
@@ -175,6 +177,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                      sampling_locations, attention_weights);
   auto out = at::empty(in.output_sizes(), in.value.options());
   if (out.numel() == 0) return out;
+  // prepare_inputs checked these host levels: at least one fits, so S >= 1 and the NaN marker
+  // of gather_corners (pixel 0 of a level) lies inside value.
   const Levels lv = read_levels(in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.value.scalar_type(),
                                   "ms_deform_attn_forward_cpu",

@@ -3,7 +3,9 @@
 //
 // Forward: one thread per output element (b, q, h, d), so neighbouring threads read
 // neighbouring channels. Backward: one thread per sampling point (b, q, h, l, p); the value
-// gradient is accumulated with atomicAdd into an fp32 (fp64 for double) buffer.
+// gradient is accumulated with atomicAdd into an fp32 (fp64 for double) buffer. The level
+// tensors are read on the device only, through safe_level (ms_deform_attn.h): no host copy, and
+// no read outside `value` whatever they hold.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -48,12 +50,12 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value,
     const int64_t b = bqh / (H * Q);
     acc_t acc = acc_t(0);
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
-      const scalar_t* vl = value + ((b * S + starts[l]) * H + h) * D;
+      const Level lv = safe_level(starts[l], shapes[2 * l], shapes[2 * l + 1], S);
+      const scalar_t* vl = value + ((b * S + lv.start) * H + h) * D;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t i = (bqh * L + l) * P + p;
         const auto bil = bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]),
-                                         static_cast<acc_t>(loc[2 * i + 1]), height, width);
+                                         static_cast<acc_t>(loc[2 * i + 1]), lv.height, lv.width);
         acc += static_cast<acc_t>(attn[i]) * sample_channel<scalar_t, acc_t>(vl, H * D, bil, d);
       }
     }
@@ -80,8 +82,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out,
     const int64_t bqh = i / (L * P);  // [b, q, h]
     const int64_t h = bqh % H;
     const int64_t b = bqh / (H * Q);
-    const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
-    const int64_t off = ((b * S + starts[l]) * H + h) * D;
+    const Level lv = safe_level(starts[l], shapes[2 * l], shapes[2 * l + 1], S);
+    const int64_t height = lv.height, width = lv.width;
+    const int64_t off = ((b * S + lv.start) * H + h) * D;
     const auto bil = bilinear<acc_t>(static_cast<acc_t>(loc[2 * i]),
                                      static_cast<acc_t>(loc[2 * i + 1]), height, width);
     acc_t gx, gy, ga;
