@@ -55,7 +55,7 @@ from torch import nn
 from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes
 from mrdetr.adapters import RouteOutputs
 from mrdetr.adapters.hf_compat import layer_ffn_names
-from mrdetr.adapters.hf_models import hf_deformable_detr, random_detection_batch
+from mrdetr.testing.hf_models import hf_deformable_detr, random_detection_batch
 from mrdetr.layers.attention_weights import attention_weights, instructive_attention
 
 CLASSES = 80
