@@ -90,10 +90,7 @@ def moe_route_oracle(layer, index, query, pos, ref, value):
 
 
 def run_balance(layer, query, pos, ref, value):
-    return layer.forward_with_balance_losses(
-        query, query_pos=pos, reference_points=ref, value=value,
-        spatial_shapes=SHAPES, level_start_index=STARTS,
-    )  # fmt: skip
+    return run(layer, query, pos, ref, value, return_balance_losses=True)
 
 
 def test_packed_layer_equals_unpacked_oracle_and_strip():

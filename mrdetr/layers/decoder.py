@@ -175,6 +175,7 @@ class MultiRouteDecoder(nn.Module):
         )
         x, ref, ref_pred = query, reference_points, reference_points
         hidden, refs, boxes, balance = [], [], [], {}
+        moe = any(r.ffn_experts for r in self.routes)
         for i, layer in enumerate(self.layers):
             ref_in = ref[:, :, :, None]  # [R, B, Q, 1, D]
             if valid_ratios is not None:
@@ -183,8 +184,7 @@ class MultiRouteDecoder(nn.Module):
             else:
                 ref_in = ref_in.expand(-1, -1, -1, layer.num_levels, -1)
             pos = query_pos if query_pos_head is None else query_pos_head(ref_in[:, :, :, 0])
-            x, layer_balance = layer.forward_with_balance_losses(
-                x,
+            inputs = dict(
                 query_pos=pos,
                 reference_points=ref_in,
                 value=value,
@@ -194,6 +194,10 @@ class MultiRouteDecoder(nn.Module):
                 self_attn_mask=self_attn_mask,
                 num_denoising=num_denoising,
             )
+            if moe:  # only then the layer returns a pair (a layer's hooks see what they saw)
+                x, layer_balance = layer(x, **inputs, return_balance_losses=True)
+            else:
+                x, layer_balance = layer(x, **inputs), {}
             for name, loss in layer_balance.items():
                 balance.setdefault(name, []).append(loss)
             keep = self.return_intermediate or i == len(self.layers) - 1

@@ -194,7 +194,8 @@ class MultiRouteDecoderLayer(nn.Module):
         key_padding_mask: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
         num_denoising: int = 0,
-    ) -> Tensor:
+        return_balance_losses: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Run the routes present in ``query`` (``R`` = all routes, or 1 = the primary alone).
 
         Args:
@@ -209,26 +210,16 @@ class MultiRouteDecoderLayer(nn.Module):
                 added to the logits; integer dtypes raise ``TypeError``); the same for every
                 route.
             num_denoising: leading denoising queries (DINO); they never see instruction tokens.
+            return_balance_losses: also return the load-balancing losses
+                ``{route name: Tensor[]}`` of this call's mixture-of-experts FFNs (routes that
+                ran; ``{}`` without).
 
         Returns:
             Tensor[R, B, Q, C]. In eval mode only the primary route runs and the output is
             ``[1, B, Q, C]`` (extra input routes are ignored), unless :meth:`set_eval_routes`
-            chose auxiliary routes: then ``[num_eval_routes, B, Q, C]``. The balance losses
-            of mixture-of-experts FFNs: :meth:`forward_with_balance_losses`.
+            chose auxiliary routes: then ``[num_eval_routes, B, Q, C]``. With
+            ``return_balance_losses``: ``(that tensor, balance losses)``.
         """
-        return self.forward_with_balance_losses(
-            query, query_pos=query_pos, reference_points=reference_points, value=value,
-            spatial_shapes=spatial_shapes, level_start_index=level_start_index,
-            key_padding_mask=key_padding_mask, self_attn_mask=self_attn_mask,
-            num_denoising=num_denoising,
-        )[0]  # fmt: skip
-
-    def forward_with_balance_losses(
-        self, query: Tensor, *, query_pos, reference_points, value, spatial_shapes,
-        level_start_index, key_padding_mask=None, self_attn_mask=None, num_denoising=0,
-    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
-        """:meth:`forward` (same arguments), also returning the load-balancing losses
-        ``{route name: Tensor[]}`` of this call's mixture-of-experts FFNs (routes that ran)."""
         check_layer_inputs(self, query, query_pos, reference_points, value)
         check_levels(spatial_shapes, level_start_index, self.num_levels)
         check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
@@ -243,7 +234,8 @@ class MultiRouteDecoderLayer(nn.Module):
         )
         x = self.norm2(x + self.dropout(ca))
         balance: dict[str, Tensor] = {}
-        return self.norm3(x + self.dropout(self._ffn(x, routes, balance))), balance
+        out = self.norm3(x + self.dropout(self._ffn(x, routes, balance)))
+        return (out, balance) if return_balance_losses else out
 
     def _self_attention(self, query, query_pos, routes, mask, num_denoising) -> Tensor:
         """Self-attention + residual + LayerNorm per pack of routes; [R, B, Q, C]."""
