@@ -55,8 +55,8 @@ from torch import nn
 from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes
 from mrdetr.adapters import RouteOutputs
 from mrdetr.adapters.hf_compat import layer_ffn_names
-from mrdetr.adapters.hf_models import hf_deformable_detr, random_detection_batch
-from mrdetr.layers.attention_weights import attention_weights, instructive_attention
+from mrdetr.routing import attention_weights, instructive_attend
+from mrdetr.testing.hf_models import hf_deformable_detr, random_detection_batch
 
 CLASSES = 80
 ROUTES = routes.mr_detr()
@@ -85,10 +85,10 @@ class _InstructedAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         qk = hidden_states + position_embeddings
         own = self.own
-        out = instructive_attention(
-            qk, qk, hidden_states, own.tokens + own.tokens_pos, own.tokens,
-            attention_weights(self.host), attn_mask=attention_mask,
-        )  # fmt: skip
+        out = instructive_attend(
+            qk, qk, hidden_states, attention_weights(self.host), own.tokens + own.tokens_pos,
+            own.tokens, attn_mask=attention_mask,
+        )[0]  # fmt: skip
         return out, None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 MODULES = (
     ("mrdetr", "Top-level names"),
     ("mrdetr.routes", "Routes and presets"),
+    ("mrdetr.routing", "Routing engine"),
     ("mrdetr.layers", "Layers"),
     ("mrdetr.adapters", "Adapters for existing decoders"),
     ("mrdetr.matching", "Matchers"),

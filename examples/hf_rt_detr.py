@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_common import check_and_summarise, log, per_route, steps_bar  # noqa: E402
 
 from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes  # noqa: E402
-from mrdetr.adapters.hf_models import hf_rt_detr, random_detection_batch  # noqa: E402
+from mrdetr.testing.hf_models import hf_rt_detr, random_detection_batch  # noqa: E402
 
 CLASSES = 3
 

@@ -15,20 +15,19 @@ from torch import nn
 from mrdetr import adapters, routes
 from mrdetr.adapters import DecoderSpec, SpecIntegration
 from mrdetr.layers import inverse_sigmoid
-from mrdetr.layers.attention_weights import attention_weights, instructive_attention
-from mrdetr.layers.route_plan import Group, RoutePlan
+from mrdetr.routing import Pack, RoutePlan, attention_weights, instructive_attend
 
 
-def test_route_plan_groups_by_hand():
+def test_route_plan_packs_by_hand():
     plan = RoutePlan(routes.mr_detr())
-    assert plan.groups("ffn") == (Group(None, (0, 2)), Group("aux_ffn", (1,)))
-    assert plan.groups("self_attn") == (Group(None, (0, 1)), Group("aux_instruct", (2,)))
-    assert plan.groups("self_attn_norm") == plan.groups("self_attn")
-    assert plan.groups("cross_attn") == (Group(None, (0, 1, 2)),)
-    assert plan.groups("ffn", 1) == (Group(None, (0,)),)
+    assert plan.packs("ffn") == (Pack(None, (0, 2)), Pack("aux_ffn", (1,)))
+    assert plan.packs("self_attn") == (Pack(None, (0, 1)), Pack("aux_instruct", (2,)))
+    assert plan.packs("self_attn_norm") == plan.packs("self_attn")
+    assert plan.packs("cross_attn") == (Pack(None, (0, 1, 2)),)
+    assert plan.packs("ffn", 1) == (Pack(None, (0,)),)
     assert [r.name for r in plan.owners("ffn")] == ["aux_ffn"]
     with pytest.raises(ValueError, match="sublayer"):
-        plan.groups("mlp")
+        plan.packs("mlp")
 
 
 # --- an explicit spec: a DETR-style decoder no integration knows ---------------------------
@@ -73,7 +72,7 @@ class Detr(nn.Module):
 
 SPEC = DecoderSpec(
     decoder="transformer.decoder", layers="layers", self_attn="self_attn",
-    self_attn_norm="norm1", ffn=("linear1", "linear2"), ffn_norm="norm3",
+    self_attn_norm="norm1", ffn=("linear1", "linear2"),
     query_inputs={"tgt": 0, "query_pos": 0}, batch_first=False, output_query_dim=1,
 )  # fmt: skip
 
@@ -214,11 +213,10 @@ def test_instructive_attention_separate_and_fused_projections_agree_with_torch()
     vals = torch.cat([tok.expand(B, 3, C), x], 1)
     want = mha(x + pos, keys, vals, attn_mask=F.pad(mask, (3, 0)), need_weights=False)[0]
     for module in (mha, hf):
-        got = instructive_attention(x + pos, x + pos, x, tok + tok_pos, tok,
-                                    attention_weights(module), attn_mask=mask)  # fmt: skip
+        got = instructive_attend(x + pos, x + pos, x, attention_weights(module),
+                                 tok + tok_pos, tok, attn_mask=mask)[0]  # fmt: skip
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError, match="q_proj"):
         attention_weights(nn.Linear(C, C))
     with pytest.raises(TypeError, match="must be bool"):
-        instructive_attention(x, x, x, None, None, attention_weights(mha),
-                              attn_mask=mask.long())  # fmt: skip
+        instructive_attend(x, x, x, attention_weights(mha), attn_mask=mask.long())

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from _hf_oracle import randomise, route_copy, save_pretrained_kwargs  # noqa: E402
 
 from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes  # noqa: E402
-from mrdetr.adapters.hf_models import (  # noqa: E402
+from mrdetr.testing.hf_models import (  # noqa: E402
     hf_deformable_detr,
     hf_rt_detr,
     random_detection_batch,

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from mrdetr.adapters import restore_deformable_attention, use_fast_deformable_attention  # noqa: E402
 from mrdetr.adapters.fast_attention import FastDeformableSampling  # noqa: E402
-from mrdetr.adapters.hf_models import (  # noqa: E402
+from mrdetr.testing.hf_models import (  # noqa: E402
     hf_deformable_detr,
     hf_rt_detr,
     random_detection_batch,

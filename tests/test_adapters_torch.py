@@ -220,7 +220,7 @@ def test_an_interrupted_training_pass_leaves_the_host_untouched():
     with pytest.raises(RuntimeError):
         dec(args[0], torch.randn(B, S, C + 1), **kw)  # the host's cross-attention fails
     assert all("forward" not in m.__dict__ for m in dec.layers.modules())
-    assert dec.mrdetr_routes.layout is None
+    assert not hasattr(dec.mrdetr_routes, "layout")  # nothing of a pass on the module
     dec(*args, **kw)  # and the next pass runs
     assert adapters.route_outputs(dec).hidden_states.shape[1] == 3
 

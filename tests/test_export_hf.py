@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from mrdetr import routes  # noqa: E402
 from mrdetr.adapters import unwrap, use_fast_deformable_attention, wrap  # noqa: E402
-from mrdetr.adapters.hf_models import hf_deformable_detr  # noqa: E402
+from mrdetr.testing.hf_models import hf_deformable_detr  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrdetr.layers.instructive_attention import (
-    InstructiveSelfAttention,
-    MultiHeadSelfAttention,
-    instructive_self_attention,
-)
+from mrdetr.layers.instructive_attention import InstructiveSelfAttention, MultiHeadSelfAttention
+from mrdetr.routing import AttentionWeights, instructive_attend
 
 B, Q, C, H, N = 2, 7, 16, 4, 3
 
@@ -103,10 +100,8 @@ def test_hand_computed_single_query():
     """C=2, one head, identity projections: out = softmax([t.q, q.q]/sqrt 2) @ [t; q]."""
     eye = torch.eye(2)
     query, token = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[0.0, 1.0]])
-    out, w = instructive_self_attention(
-        query, None, token, None, torch.cat([eye, eye, eye]), None, eye, None,
-        num_heads=1, need_weights=True,
-    )  # fmt: skip
+    weights = AttentionWeights(eye, None, eye, None, eye, None, eye, None, num_heads=1)
+    out, w = instructive_attend(query, None, query, weights, token, token, need_weights=True)
     e0, e1 = math.exp(0.0), math.exp(1.0 / math.sqrt(2.0))
     w_tok, w_q = e0 / (e0 + e1), e1 / (e0 + e1)
     torch.testing.assert_close(out, torch.tensor([[[w_q, w_tok]]]))

@@ -13,12 +13,9 @@ from test_decoder import make_inputs as decoder_inputs
 from test_multi_route_oracle import LEVELS, SHAPES, STARTS, C, make_inputs, make_layer, run
 
 from mrdetr import routes
-from mrdetr.layers.instructive_attention import (
-    InstructiveSelfAttention,
-    MultiHeadSelfAttention,
-    instructive_self_attention,
-)
+from mrdetr.layers.instructive_attention import InstructiveSelfAttention, MultiHeadSelfAttention
 from mrdetr.layers.ms_deform_attn import MultiScaleDeformableAttention
+from mrdetr.routing import attention_weights, instructive_attend
 
 Q = 9
 INT_DTYPES = [torch.uint8, torch.int8, torch.int32, torch.int64]
@@ -42,18 +39,9 @@ def test_integer_attn_mask_rejected_everywhere(dtype):
         "InstructiveSelfAttention": lambda: InstructiveSelfAttention(16, 4, 3)(
             x, pos, attn_mask=mask
         ),
-        "instructive_self_attention": lambda: instructive_self_attention(
-            x,
-            pos,
-            None,
-            None,
-            attn.in_proj_weight,
-            attn.in_proj_bias,
-            attn.out_proj.weight,
-            attn.out_proj.bias,
-            num_heads=4,
-            attn_mask=mask,
-        ),  # fmt: skip
+        "instructive_attend": lambda: instructive_attend(
+            x + pos, None, x, attention_weights(attn), attn_mask=mask
+        ),
     }
     for call in calls.values():
         with pytest.raises(TypeError, match=f"attn_mask must be bool.*got {dtype}"):

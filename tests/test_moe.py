@@ -45,8 +45,8 @@ def test_moe_matches_per_query_oracle(top_k):
 def test_every_expert_receives_gradient_over_a_batch():
     torch.manual_seed(0)
     moe = MoEFFN(16, 32, num_experts=4, top_k=1)
-    y = moe(torch.randn(4, 50, 16))
-    (y.square().sum() + moe.aux_loss).backward()
+    y, balance = moe.forward_with_balance_loss(torch.randn(4, 50, 16))
+    (y.square().sum() + balance).backward()
     for e, expert in enumerate(moe.experts):
         assert expert.linear1.weight.grad.abs().sum() > 0, e
     assert moe.router.weight.grad.abs().sum() > 0 and moe.route_embedding.grad.abs().sum() > 0
@@ -75,8 +75,7 @@ def test_load_balancing_loss_hand_values_and_minimum():
     moe = MoEFFN(8, 16, num_experts=4)
     with torch.no_grad():
         moe.router.weight.zero_()
-    moe(torch.randn(30, 8))
-    assert moe.aux_loss.item() == pytest.approx(1.0)
+    assert moe.forward_with_balance_loss(torch.randn(30, 8))[1].item() == pytest.approx(1.0)
 
 
 def moe_route_oracle(layer, index, query, pos, ref, value):
@@ -90,20 +89,23 @@ def moe_route_oracle(layer, index, query, pos, ref, value):
     return _norm(layer.norm3, x + naive_moe(aux.ffn, x))
 
 
+def run_balance(layer, query, pos, ref, value):
+    return run(layer, query, pos, ref, value, return_balance_losses=True)
+
+
 def test_packed_layer_equals_unpacked_oracle_and_strip():
     rs = routes.mr_detr_moe(num_instruction_tokens=3, num_experts=3, top_k=2)
     layer = make_layer(rs)
     query, pos, ref, value = make_inputs(3)
-    out = run(layer, query, pos, ref, value)
+    out, losses = run_balance(layer, query, pos, ref, value)
+    torch.testing.assert_close(run(layer, query, pos, ref, value), out, atol=0, rtol=0)
     torch.testing.assert_close(
         out[2], moe_route_oracle(layer, 2, query[2], pos[2], ref[2], value), atol=1e-5, rtol=1e-5
     )
-    losses = layer.moe_losses()
     assert set(losses) == {"aux_instruct"} and losses["aux_instruct"].dim() == 0
     primary = out[0]
-    # eval / primary alone: no MoE runs, no stale loss is reported
-    run(layer.eval(), query, pos, ref, value)
-    assert layer.moe_losses() == {}
+    # eval / primary alone: no MoE runs, no loss is reported
+    assert run_balance(layer.eval(), query, pos, ref, value)[1] == {}
     # strip: no MoE parameter left; loads into a baseline layer with the same primary output
     layer.strip_auxiliary()
     assert not any(isinstance(m, MoEFFN) for m in layer.modules())
@@ -122,12 +124,15 @@ def test_decoder_losses_reach_the_criterion():
         routes=routes.mr_detr_moe(2), backend="pytorch",
     )  # fmt: skip
     query, pos, ref, value = make_inputs(3)
-    dec(query, reference_points=ref[:, :, :, 0], value=value, spatial_shapes=SHAPES,
-        level_start_index=STARTS, query_pos=pos)  # fmt: skip
-    moe = dec.moe_losses()
+    moe = dec(query, reference_points=ref[:, :, :, 0], value=value, spatial_shapes=SHAPES,
+              level_start_index=STARTS, query_pos=pos).balance_losses  # fmt: skip
     assert set(moe) == {"aux_instruct"}
-    expect = torch.stack([layer.moe_losses()["aux_instruct"] for layer in dec.layers]).mean()
-    torch.testing.assert_close(moe["aux_instruct"], expect)
+    x, per_layer = query, []  # oracle: every layer's own loss, by hand, averaged
+    ref0 = ref[:, :, :, :1].expand_as(ref)  # the decoder gives every level the level-0 point
+    for layer in dec.layers:
+        x, balance = run_balance(layer, x, pos, ref0, value)
+        per_layer.append(balance["aux_instruct"])
+    torch.testing.assert_close(moe["aux_instruct"], torch.stack(per_layer).mean())
     out, targets = make_outputs(0)
     crit = MultiRouteCriterion(3, {"primary": fixed([([0], [0]), ([1], [1])])},
                                weight_dict={"loss_moe": 0.5})  # fmt: skip
@@ -145,10 +150,9 @@ def test_copy_pickle_after_forward_and_inference_mode():
     torch.manual_seed(0)
     moe = MoEFFN(8, 16, num_experts=3, top_k=2)
     x = torch.randn(5, 8)
-    y = moe(x)
-    assert moe.aux_loss.requires_grad
+    y, balance = moe.forward_with_balance_loss(x)
+    assert balance.requires_grad and not hasattr(moe, "aux_loss")  # nothing kept on the module
     for other in (copy.deepcopy(moe), pickle.loads(pickle.dumps(moe))):
-        assert other.aux_loss is None
         with torch.inference_mode():
             torch.testing.assert_close(other(x), y.detach())
     layer = MultiRouteDecoderLayer(32, 4, 48, 2, 2, 0.0, routes=routes.mr_detr_moe(2))

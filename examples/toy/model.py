@@ -266,7 +266,7 @@ class ToyDETR(nn.Module):
             hid = out.hidden_states[-1]
             masks = self.mask_head(hid.flatten(0, 1), memory, shapes, starts)
             masks = masks.view(*hid.shape[:3], *masks.shape[-2:])
-        moe = self.decoder.moe_losses() if self.decoder.training else {}
+        moe = out.balance_losses if self.decoder.training else {}
         for i, name in enumerate(names):
             layers = []
             for l, (hid, rp) in enumerate(

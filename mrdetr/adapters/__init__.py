@@ -2,22 +2,32 @@
 codebases.
 
 See ``docs/integrations.md``. Supported families are :class:`Integration` instances in a
-registry (:func:`register_integration`): torch ``nn.TransformerDecoder`` and mrdetr's
-``MultiRouteDecoder`` built in; any other decoder through an explicit :class:`DecoderSpec`.
+registry (:func:`register_integration`): torch ``nn.TransformerDecoder``, mrdetr's
+``MultiRouteDecoder``, the original Deformable-DETR decoder and HF transformers' DETR families
+(:mod:`mrdetr.adapters.hf`) built in; any other decoder through an explicit :class:`DecoderSpec`.
+The route mechanism itself (plan, packing, owned modules, instructive attention) is
+:mod:`mrdetr.routing`.
 """
 
+from ..routing import RouteLayout
 from .deformable_detr import DeformableDetrIntegration
 from .fast_attention import restore_deformable_attention, use_fast_deformable_attention
-from .hf_detr import HFDeformableDetrIntegration, HFRTDetrIntegration, hf_route_predictions
+from .hf import (
+    HFDecoderIntegration,
+    HFDeformableDetrIntegration,
+    HFRTDetrIntegration,
+    hf_route_predictions,
+)
 from .integration import (
     Integration,
     QueryTilingIntegration,
     RouteOutputs,
+    RoutePass,
     register_integration,
     registered_integrations,
 )
 from .mrdetr_decoder import MultiRouteDecoderIntegration
-from .packing import MHACall, RouteLayout
+from .packing import MHACall
 from .predictions import route_predictions
 from .route_modules import LayerModules, RouteModules
 from .spec import DecoderSpec, SpecIntegration
@@ -33,6 +43,7 @@ register_integration(DeformableDetrIntegration())
 __all__ = [
     "DecoderSpec",
     "DeformableDetrIntegration",
+    "HFDecoderIntegration",
     "HFDeformableDetrIntegration",
     "HFRTDetrIntegration",
     "Integration",
@@ -43,6 +54,7 @@ __all__ = [
     "RouteLayout",
     "RouteModules",
     "RouteOutputs",
+    "RoutePass",
     "SpecIntegration",
     "TorchDecoderIntegration",
     "hf_route_predictions",

@@ -27,8 +27,9 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from .integration import QueryTilingIntegration
-from .packing import MHACall, RouteLayout, split, tile
+from ..routing import RouteLayout, split, tile
+from .integration import QueryTilingIntegration, RoutePass
+from .packing import MHACall
 from .route_modules import LayerModules
 
 __all__ = ["DeformableDetrIntegration"]
@@ -61,42 +62,35 @@ class DeformableDetrIntegration(QueryTilingIntegration):
 
     def layer_modules(self, decoder: nn.Module) -> list[LayerModules]:
         return [
-            LayerModules(
-                layer, layer.self_attn, layer.norm2, (layer.linear1, layer.linear2), layer.norm3
-            )  # fmt: skip
+            LayerModules(layer, layer.self_attn, layer.norm2, (layer.linear1, layer.linear2))
             for layer in decoder.layers
         ]
 
     def attention_call(self, host: LayerModules) -> MHACall:
         return MHACall(bool(host.self_attn.batch_first))
 
-    def tile_inputs(self, decoder, args, kwargs, num_routes):
+    def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
         bound = inspect.signature(type(decoder).forward).bind(decoder, *args, **kwargs)
         a = bound.arguments
         layout = RouteLayout(num_routes, a["tgt"].shape[1], 0, 1)
-        self._pass = {"layout": layout, "reference_points": a["reference_points"]}
+        first = {"reference_points": a["reference_points"]}
         for name in self._inputs:
             if a.get(name) is not None:
                 a[name] = tile(a[name], layout, 1)
-        return bound.args[1:], bound.kwargs, layout
+        return RoutePass(layout, bound.args[1:], bound.kwargs, first)
 
-    def split_outputs(self, decoder, output, layout: RouteLayout, hidden):
+    def split_outputs(self, decoder, output, route_pass: RoutePass):
         dim = 2 if decoder.return_intermediate else 1
-        parts = [split(t, layout, dim) for t in output]  # (outputs, references)
-        self._pass["references"] = output[1]
+        parts = [split(t, route_pass.layout, dim) for t in output]  # (outputs, references)
         names = [r.name for r in decoder.mrdetr_routes.routes]
         aux = {name: tuple(p[i] for p in parts) for i, name in enumerate(names) if i > 0}
         return tuple(p[0] for p in parts), aux
 
-    def train_forward(self, decoder, state, forward, args, kwargs):
-        self._pass = {}
-        try:
-            primary = super().train_forward(decoder, state, forward, args, kwargs)
-            if decoder.return_intermediate:
-                state.last.reference_points = self._received(**self._pass)
-        finally:
-            self._pass = {}
-        return primary
+    def route_geometry(self, decoder, output, route_pass: RoutePass):
+        if not decoder.return_intermediate:
+            return {}
+        first = route_pass.inputs["reference_points"]
+        return {"reference_points": self._received(route_pass.layout, first, output[1])}
 
     @staticmethod
     def _received(layout: RouteLayout, reference_points: Tensor, references: Tensor) -> Tensor:

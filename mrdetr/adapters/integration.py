@@ -6,7 +6,13 @@ registered integration, in order, for the decoder inside the model it was given
 :class:`QueryTilingIntegration`: say where each layer's sub-modules are
 (:meth:`~QueryTilingIntegration.layer_modules`), how the self-attention is called
 (:meth:`~QueryTilingIntegration.attention_call`), how to tile the decoder's query inputs and how
-to split its outputs per route; the packing itself is :mod:`mrdetr.adapters.packing`.
+to split its outputs per route; the packing itself is :mod:`mrdetr.adapters.packing` on
+:mod:`mrdetr.routing`. HF transformers families derive from
+:class:`~mrdetr.adapters.hf.HFDecoderIntegration` and say only what differs.
+
+Per-pass state belongs to the call: a training call creates a :class:`RoutePass`, hands it to
+every hook and returns what it produced (:class:`RouteOutputs`) with the primary output;
+nothing of a pass is kept on an integration (one instance serves every wrapped model).
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers.route_plan import RoutePlan
 from ..routes import Route
-from .packing import RouteLayout, packed, split
+from ..routing import RouteLayout, RoutePlan, split
+from .packing import packed
 from .route_modules import LayerModules, RouteModules
 
 __all__ = [
     "Integration",
     "QueryTilingIntegration",
     "RouteOutputs",
+    "RoutePass",
     "register_integration",
     "registered_integrations",
 ]
@@ -51,6 +58,25 @@ class RouteOutputs:
     outputs: dict[str, Any] = field(default_factory=dict)
     reference_points: Tensor | None = None
     boxes: Tensor | None = None
+
+
+@dataclass
+class RoutePass:
+    """One training call of a wrapped decoder, created by that call and dropped after it.
+
+    Attributes:
+        layout: how this call's routes are tiled along the query axis.
+        args, kwargs: the decoder's arguments with every query input tiled.
+        inputs: the family's values of this call it needs later, by name (e.g. the untiled
+            ``reference_points``, whether the caller asked for a tuple).
+        hidden: one list per layer, filled with that layer's packed output(s) as it runs.
+    """
+
+    layout: RouteLayout
+    args: tuple
+    kwargs: dict
+    inputs: dict[str, Any] = field(default_factory=dict)
+    hidden: list[list] = field(default_factory=list)
 
 
 class Integration:
@@ -89,9 +115,11 @@ class Integration:
     def detach(self, decoder: nn.Module, state: RouteModules) -> None:
         """Undo whatever :meth:`attach` changed outside ``decoder.mrdetr_routes``."""
 
-    def train_forward(self, decoder: nn.Module, state: RouteModules, forward, args, kwargs):
-        """A training call: run every route, store :class:`RouteOutputs` in ``state.last`` and
-        return the primary route's outputs as ``forward`` (the original) returns them."""
+    def train_forward(
+        self, decoder: nn.Module, state: RouteModules, forward, args, kwargs
+    ) -> tuple[Any, RouteOutputs]:
+        """A training call: run every route; return ``(primary, route_outputs)``, the primary
+        route's outputs as ``forward`` (the original) returns them and :class:`RouteOutputs`."""
         raise NotImplementedError
 
 
@@ -110,14 +138,19 @@ class QueryTilingIntegration(Integration):
         """Query axis of the layers' hidden states (1 batch-first, 0 sequence-first)."""
         return 1
 
-    def tile_inputs(self, decoder, args, kwargs, num_routes) -> tuple[tuple, dict, RouteLayout]:
-        """``(args, kwargs, layout)`` with every query input tiled ``[dn ; Q x R]``."""
+    def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
+        """This call's :class:`RoutePass`: every query input tiled ``[dn ; Q x R]``, the layout,
+        and the untiled values the later hooks need in ``inputs``."""
         raise NotImplementedError
 
-    def split_outputs(self, decoder, output, layout: RouteLayout, hidden: list[Tensor]):
-        """``(primary output, {aux route name: output})`` from the packed ``output``; ``hidden``
-        is every layer's packed output in the layers' layout."""
+    def split_outputs(self, decoder, output, route_pass: RoutePass):
+        """``(primary output, {aux route name: output})`` from the packed ``output``."""
         raise NotImplementedError
+
+    def route_geometry(self, decoder, output, route_pass: RoutePass) -> dict[str, Tensor]:
+        """``reference_points`` and/or ``boxes`` (``[N, R, B, Q, D]``) of :class:`RouteOutputs`
+        from the packed ``output`` (default: none)."""
+        return {}
 
     def layer_hidden(self, decoder: nn.Module, layer_output) -> Tensor:
         """The hidden states in a layer's return value, with the decoder's intermediate norm
@@ -128,19 +161,20 @@ class QueryTilingIntegration(Integration):
         return RouteModules(plan, self.layer_modules(decoder), self)
 
     def train_forward(self, decoder, state, forward, args, kwargs):
-        args, kwargs, layout = self.tile_inputs(decoder, args, kwargs, len(state.plan))
-        with packed(state, layout, self.attention_call) as hidden:
-            output = forward(*args, **kwargs)
+        rp = self.tile_inputs(decoder, args, kwargs, len(state.plan))
+        with packed(state, rp, self.attention_call):
+            output = forward(*rp.args, **rp.kwargs)
+        layout = rp.layout
         dim, dn = layout.query_dim, layout.num_denoising
         per_layer = []
-        for outs in hidden:
+        for outs in rp.hidden:
             h = self.layer_hidden(decoder, outs[-1])
             h = h if dim == 1 else h.transpose(0, 1)  # [B, L, C]
             parts = split(h, layout, 1)
             per_layer.append(torch.stack([parts[0][:, dn:], *parts[1:]]))  # [R, B, Q, C]
-        primary, aux = self.split_outputs(decoder, output, layout, hidden)
-        state.last = RouteOutputs(state.routes, torch.stack(per_layer), aux)
-        return primary
+        primary, aux = self.split_outputs(decoder, output, rp)
+        geometry = self.route_geometry(decoder, output, rp)
+        return primary, RouteOutputs(state.routes, torch.stack(per_layer), aux, **geometry)
 
 
 _REGISTRY: list[Integration] = []

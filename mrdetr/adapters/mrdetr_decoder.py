@@ -6,7 +6,8 @@ copied from the primary's, under ``layers.<i>.aux.<route>.``, exactly the keys o
 with those routes). In training the wrapped decoder expands ``query``, ``query_pos`` and
 ``reference_points`` from one route (``[1, B, Q, ...]``) to all of them and returns the primary
 route's slice of :class:`~mrdetr.layers.MultiRouteDecoderOutput`; every route's hidden states,
-reference points and refined boxes go to :class:`~mrdetr.adapters.RouteOutputs`.
+reference points and refined boxes go to :class:`~mrdetr.adapters.RouteOutputs` (an auxiliary
+route's own slice, with its ``balance_losses``, in ``RouteOutputs.outputs``).
 ``unwrap`` strips the auxiliary modules (``strip_auxiliary``).
 """
 
@@ -16,8 +17,8 @@ import inspect
 
 from torch import nn
 
-from ..layers.decoder import MultiRouteDecoder, MultiRouteDecoderOutput
-from ..layers.route_plan import RoutePlan
+from ..layers import MultiRouteDecoder, MultiRouteDecoderOutput
+from ..routing import RoutePlan
 from .integration import Integration, RouteOutputs
 from .route_modules import RouteModules
 
@@ -26,9 +27,12 @@ __all__ = ["MultiRouteDecoderIntegration"]
 _SIG = inspect.signature(MultiRouteDecoder.forward)
 
 
-def _route_slice(out: MultiRouteDecoderOutput, i: int) -> MultiRouteDecoderOutput:
-    """Route ``i`` of every field, keeping the route axis (``[N, 1, B, Q, ...]``)."""
-    return MultiRouteDecoderOutput(*(None if t is None else t[:, i : i + 1] for t in out))
+def _route_slice(out: MultiRouteDecoderOutput, i: int, name: str) -> MultiRouteDecoderOutput:
+    """Route ``i`` (named ``name``) of every field, keeping the route axis
+    (``[N, 1, B, Q, ...]``); its balance loss, if it has one."""
+    tensors = (None if t is None else t[:, i : i + 1] for t in out[:3])
+    balance = {k: v for k, v in out.balance_losses.items() if k == name}
+    return MultiRouteDecoderOutput(*tensors, balance)
 
 
 class MultiRouteDecoderIntegration(Integration):
@@ -70,8 +74,9 @@ class MultiRouteDecoderIntegration(Integration):
             if t is not None and t.dim() > 0 and t.shape[0] == 1:
                 a[name] = t.expand(r, *t.shape[1:])
         out = forward(*bound.args[1:], **bound.kwargs)
-        aux = {route.name: _route_slice(out, i) for i, route in enumerate(state.routes[1:], 1)}
-        state.last = RouteOutputs(
+        names = [route.name for route in state.routes]
+        aux = {name: _route_slice(out, i, name) for i, name in enumerate(names) if i > 0}
+        outputs = RouteOutputs(
             state.routes, out.hidden_states, aux, out.reference_points, out.boxes
         )
-        return _route_slice(out, 0)
+        return _route_slice(out, 0, names[0]), outputs

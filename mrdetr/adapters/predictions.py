@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers.decoder import inverse_sigmoid
+from ..layers import inverse_sigmoid
 from ..routes import Route
 
 __all__ = ["route_predictions"]

@@ -1,14 +1,14 @@
 """``DecoderSpec``: point the adapter at the sub-modules of a decoder it does not recognise.
 
 A spec names, relative to the decoder, where its layers are, and in each layer the
-self-attention (called like ``nn.MultiheadAttention``), the norm after it, the FFN (one module or
-its linears) and the FFN's norm; and which ``forward`` arguments carry queries. For example the
+self-attention (called like ``nn.MultiheadAttention``), the norm after it and the FFN (one
+module or its linears); and which ``forward`` arguments carry queries. For example the
 original DETR decoder (sequence-first, ``forward(tgt, memory, ..., pos, query_pos)``, returning
 every layer stacked ``[N, Q, B, C]``)::
 
     spec = DecoderSpec(
         decoder="transformer.decoder", layers="layers", self_attn="self_attn",
-        self_attn_norm="norm1", ffn=("linear1", "linear2"), ffn_norm="norm3",
+        self_attn_norm="norm1", ffn=("linear1", "linear2"),
         query_inputs={"tgt": 0, "query_pos": 0}, batch_first=False, output_query_dim=1,
     )
     wrap(model, spec=spec)
@@ -17,13 +17,15 @@ every layer stacked ``[N, Q, B, C]``)::
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from .integration import QueryTilingIntegration
-from .packing import MHACall, RouteLayout, split, tile
+from ..routing import RouteLayout, split, tile
+from .integration import QueryTilingIntegration, RoutePass
+from .packing import MHACall
 from .route_modules import LayerModules
 
 __all__ = ["DecoderSpec", "SpecIntegration", "resolve"]
@@ -35,26 +37,37 @@ class DecoderSpec:
 
     Attributes:
         layers: path from the decoder to its layers (an iterable of modules), e.g. ``"layers"``.
-        self_attn, self_attn_norm, ffn, ffn_norm: paths inside each layer: the self-attention
+        self_attn, self_attn_norm, ffn: paths inside each layer: the self-attention
             (``nn.MultiheadAttention`` call convention), the norm after it (before it when
-            pre-norm), the FFN (a module path or a tuple of its linears' paths), its norm.
+            pre-norm), the FFN (a module path or a tuple of its linears' paths).
         decoder: path from the model given to :func:`~mrdetr.adapters.wrap` to the decoder
             (``""``: the model is the decoder).
         query_inputs: ``forward`` argument name -> its query axis, for every argument holding
             one entry per query (queries, query positions, query masks); tiled per route.
         batch_first: the layers' hidden states are ``[B, Q, C]`` (else ``[Q, B, C]``).
         output_query_dim: query axis of the tensors the decoder returns (None: like the layers').
+        ffn_norm: deprecated and unused (the FFN's norm is always shared by the routes);
+            passing it warns with ``DeprecationWarning``.
     """
 
     layers: str
     self_attn: str
     self_attn_norm: str
     ffn: str | tuple[str, ...]
-    ffn_norm: str
+    ffn_norm: str | None = None
     decoder: str = ""
     query_inputs: Mapping[str, int] = field(default_factory=lambda: {"tgt": 1})
     batch_first: bool = True
     output_query_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.ffn_norm is not None:
+            warnings.warn(
+                "DecoderSpec.ffn_norm is unused (the FFN's norm is shared by every route) and "
+                "will be removed; leave it out",
+                DeprecationWarning,
+                stacklevel=3,
+            )
 
 
 def resolve(root: nn.Module, path: str, what: str) -> nn.Module:
@@ -109,7 +122,6 @@ class SpecIntegration(QueryTilingIntegration):
                 resolve(layer, s.self_attn, "self_attn"),
                 resolve(layer, s.self_attn_norm, "self_attn_norm"),
                 tuple(resolve(layer, p, "ffn") for p in ffn),
-                resolve(layer, s.ffn_norm, "ffn_norm"),
             )
             for layer in layers
         ]
@@ -124,7 +136,7 @@ class SpecIntegration(QueryTilingIntegration):
         forward = type(decoder).forward
         return inspect.signature(forward).bind(decoder, *args, **kwargs)
 
-    def tile_inputs(self, decoder, args, kwargs, num_routes):
+    def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
         bound = self._bind(decoder, args, kwargs)
         dims = self.spec_for(decoder).query_inputs
         first = next(iter(dims))
@@ -135,9 +147,10 @@ class SpecIntegration(QueryTilingIntegration):
         for name, dim in dims.items():
             if bound.arguments.get(name) is not None:
                 bound.arguments[name] = tile(bound.arguments[name], layout, dim)
-        return bound.args[1:], bound.kwargs, layout
+        return RoutePass(layout, bound.args[1:], bound.kwargs)
 
-    def split_outputs(self, decoder, output, layout: RouteLayout, hidden):
+    def split_outputs(self, decoder, output, route_pass: RoutePass):
+        layout = route_pass.layout
         dim = self.spec_for(decoder).output_query_dim
         dim = layout.query_dim if dim is None else dim
         fits = lambda t: t.dim() > dim and t.shape[dim] == layout.length  # noqa: E731

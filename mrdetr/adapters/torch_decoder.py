@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .packing import MHACall, tile
+from ..routing import tile
+from .packing import MHACall
 from .spec import DecoderSpec, SpecIntegration, resolve
 
 __all__ = ["TorchDecoderIntegration"]
@@ -27,7 +28,7 @@ def _spec(batch_first: bool) -> DecoderSpec:
     qd = 1 if batch_first else 0
     return DecoderSpec(
         layers="layers", self_attn="self_attn", self_attn_norm="norm1",
-        ffn=("linear1", "linear2"), ffn_norm="norm3",
+        ffn=("linear1", "linear2"),
         query_inputs={"tgt": qd, "tgt_key_padding_mask": 1}, batch_first=batch_first,
     )  # fmt: skip
 
@@ -71,12 +72,13 @@ class TorchDecoderIntegration(SpecIntegration):
                 f"tgt: packed routes need batched [B, Q, C] / [Q, B, C] queries in train(), "
                 f"got {tuple(tgt.shape)}"
             )
-        args, kwargs, layout = super().tile_inputs(decoder, args, kwargs, num_routes)
-        bound = self._bind(decoder, args, kwargs)
+        rp = super().tile_inputs(decoder, args, kwargs, num_routes)
+        bound = self._bind(decoder, rp.args, rp.kwargs)
         mask = bound.arguments.get("memory_mask")
         if mask is not None:  # [Q, S] or [B*H, Q, S]: one row per query
-            bound.arguments["memory_mask"] = tile(mask, layout, mask.dim() - 2)
-        return bound.args[1:], bound.kwargs, layout
+            bound.arguments["memory_mask"] = tile(mask, rp.layout, mask.dim() - 2)
+        rp.args, rp.kwargs = bound.args[1:], bound.kwargs
+        return rp
 
     def layer_hidden(self, decoder, layer_output):
         norm = resolve(decoder, "norm", "norm")

@@ -1,15 +1,25 @@
-"""``wrap`` / ``unwrap`` / ``route_outputs``: Mr. DETR's training routes on a decoder you have."""
+"""``wrap`` / ``unwrap`` / ``route_outputs``: Mr. DETR's training routes on a decoder you have.
+
+A training call of a wrapped decoder returns the primary route's outputs where the decoder
+returned them; the integration returns every route's :class:`RouteOutputs` next to them, and
+the call leaves those in a per-thread store keyed by the decoder, until :func:`route_outputs`
+takes them. Two wrapped models (or two replicas of one, as ``nn.DataParallel`` runs them)
+training in two threads at once each get their own outputs; nothing of a pass is stored on the
+modules or on the (shared) integration.
+"""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .. import routes as routes_lib
-from ..layers.route_plan import RoutePlan
 from ..routes import Route
+from ..routing import RoutePlan
 from .integration import Integration, RouteOutputs, registered_integrations
 from .spec import DecoderSpec, SpecIntegration
 
@@ -47,7 +57,21 @@ def _packed_pass(wrapper: _TrainForward, args, kwargs):
     duration, which a compiled graph cannot replay); ``eval()`` compiles as usual."""
     decoder = wrapper.decoder
     state = decoder.mrdetr_routes
-    return state.integration.train_forward(decoder, state, wrapper.original(), args, kwargs)
+    primary, outputs = state.integration.train_forward(
+        decoder, state, wrapper.original(), args, kwargs
+    )
+    _STORE.outputs[decoder] = outputs
+    return primary
+
+
+class _PassStore(threading.local):
+    """Per thread: wrapped decoder -> :class:`RouteOutputs` of its last training call."""
+
+    def __init__(self) -> None:
+        self.outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+_STORE = _PassStore()
 
 
 def _decoders(model: nn.Module) -> list[nn.Module]:
@@ -135,14 +159,17 @@ def unwrap(model: nn.Module) -> nn.Module:
         state = decoder.mrdetr_routes
         del decoder.mrdetr_routes
         state.integration.detach(decoder, state)
+        _STORE.outputs.pop(decoder, None)
     return model
 
 
 def route_outputs(model: nn.Module) -> RouteOutputs:
-    """Take the :class:`RouteOutputs` of the last training pass of ``model``'s wrapped decoder.
+    """Take the :class:`RouteOutputs` of the last training pass of ``model``'s wrapped decoder
+    in this thread.
 
-    Call it once after each training forward (it is cleared when taken, so no graph outlives
-    the step, and it is never deep-copied or pickled).
+    Call it once after each training forward, in the thread that ran it (it is cleared when
+    taken, so no graph outlives the step; it is not part of the model, so it is never
+    deep-copied or pickled with it).
 
     Raises:
         ValueError: nothing is wrapped, or no training pass ran since the last call.
@@ -150,8 +177,7 @@ def route_outputs(model: nn.Module) -> RouteOutputs:
     decoders = _decoders(model)
     if len(decoders) != 1:
         raise ValueError(f"model: expected one wrapped decoder, found {len(decoders)}")
-    state = decoders[0].mrdetr_routes
-    out, state.last = state.last, None
+    out = _STORE.outputs.pop(decoders[0], None)
     if out is None:
         raise ValueError(
             "route_outputs: no training pass since the last call (in eval() only the primary "

@@ -2,11 +2,7 @@
 
 from .decoder import MultiRouteDecoder, MultiRouteDecoderOutput, inverse_sigmoid
 from .ffn import FFN
-from .instructive_attention import (
-    InstructiveSelfAttention,
-    MultiHeadSelfAttention,
-    instructive_self_attention,
-)
+from .instructive_attention import InstructiveSelfAttention, MultiHeadSelfAttention
 from .moe import MoEFFN
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .multi_route import MultiRouteDecoderLayer
@@ -20,6 +16,5 @@ __all__ = [
     "MultiRouteDecoderLayer",
     "MultiRouteDecoderOutput",
     "MultiScaleDeformableAttention",
-    "instructive_self_attention",
     "inverse_sigmoid",
 ]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..routes import Route
-from .instructive_attention import check_attn_mask
+from ..routing import check_attn_mask, eval_prefix
 from .ms_deform_attn import check_levels
 from .multi_route import _MR_DETR, MultiRouteDecoderLayer
 
@@ -36,11 +37,16 @@ class MultiRouteDecoderOutput(NamedTuple):
         boxes (Tensor[N, R, B, Q, 4] or None): with ``box_heads``, each of those layers'
             predicted boxes, exactly the formula above (so with ``look_forward_twice`` their
             gradient reaches the previous layer's box head); None without ``box_heads``.
+        balance_losses (Mapping[str, Tensor[]]): per route with a mixture-of-experts FFN
+            (:class:`~mrdetr.layers.MoEFFN`) that ran, its load-balancing loss averaged over
+            the layers; give it to ``MultiRouteCriterion`` as that route's ``"loss_moe"``.
+            Empty without such routes (and in eval, unless they are eval routes).
     """
 
     hidden_states: Tensor
     reference_points: Tensor
     boxes: Tensor | None = None
+    balance_losses: Mapping[str, Tensor] = MappingProxyType({})  # read-only: shared default
 
 
 class MultiRouteDecoder(nn.Module):
@@ -109,15 +115,6 @@ class MultiRouteDecoder(nn.Module):
             layer.strip_auxiliary()
         return self
 
-    def moe_losses(self) -> dict[str, Tensor]:
-        """Load-balancing losses ``{route name: Tensor[]}`` of the last forward, averaged over
-        the layers (routes with a mixture-of-experts FFN only; empty without)."""
-        per_route: dict[str, list[Tensor]] = {}
-        for layer in self.layers:
-            for name, loss in layer.moe_losses().items():
-                per_route.setdefault(name, []).append(loss)
-        return {name: torch.stack(v).mean() for name, v in per_route.items()}
-
     def set_eval_routes(self, names: Sequence[str] = ()) -> MultiRouteDecoder:
         """Run the auxiliary routes ``names`` in eval mode too (see
         :meth:`MultiRouteDecoderLayer.set_eval_routes`); ``()`` restores the default (primary
@@ -173,12 +170,12 @@ class MultiRouteDecoder(nn.Module):
         self._check(query, reference_points, valid_ratios, box_heads)
         check_levels(spatial_shapes, level_start_index, self.layers[0].num_levels)
         check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
-        n_eval = self.layers[0].num_eval_routes
-        if not self.training and query.shape[0] > n_eval:
-            query, reference_points = query[:n_eval], reference_points[:n_eval]
-            query_pos = None if query_pos is None else query_pos[:n_eval]
+        query, reference_points, query_pos = eval_prefix(
+            self.training, self.layers[0].num_eval_routes, query, reference_points, query_pos
+        )
         x, ref, ref_pred = query, reference_points, reference_points
-        hidden, refs, boxes = [], [], []
+        hidden, refs, boxes, balance = [], [], [], {}
+        moe = any(r.ffn_experts for r in self.routes)
         for i, layer in enumerate(self.layers):
             ref_in = ref[:, :, :, None]  # [R, B, Q, 1, D]
             if valid_ratios is not None:
@@ -187,8 +184,7 @@ class MultiRouteDecoder(nn.Module):
             else:
                 ref_in = ref_in.expand(-1, -1, -1, layer.num_levels, -1)
             pos = query_pos if query_pos_head is None else query_pos_head(ref_in[:, :, :, 0])
-            x = layer(
-                x,
+            inputs = dict(
                 query_pos=pos,
                 reference_points=ref_in,
                 value=value,
@@ -198,6 +194,12 @@ class MultiRouteDecoder(nn.Module):
                 self_attn_mask=self_attn_mask,
                 num_denoising=num_denoising,
             )
+            if moe:  # only then the layer returns a pair (a layer's hooks see what they saw)
+                x, layer_balance = layer(x, **inputs, return_balance_losses=True)
+            else:
+                x, layer_balance = layer(x, **inputs), {}
+            for name, loss in layer_balance.items():
+                balance.setdefault(name, []).append(loss)
             keep = self.return_intermediate or i == len(self.layers) - 1
             if keep:
                 hidden.append(x)
@@ -213,7 +215,8 @@ class MultiRouteDecoder(nn.Module):
             else:
                 ref_pred = ref
         stacked = torch.stack(boxes) if boxes else None
-        return MultiRouteDecoderOutput(torch.stack(hidden), torch.stack(refs), stacked)
+        balance = {name: torch.stack(v).mean() for name, v in balance.items()}
+        return MultiRouteDecoderOutput(torch.stack(hidden), torch.stack(refs), stacked, balance)
 
     def _check(self, query, ref, valid_ratios, box_heads) -> None:
         if query.dim() != 4:

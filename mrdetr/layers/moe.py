@@ -31,7 +31,7 @@ __all__ = ["MoEFFN", "load_balancing_loss", "moe_ffn"]
 
 
 def load_balancing_loss(probs: Tensor, top_idx: Tensor) -> Tensor:
-    """Switch Transformer's auxiliary loss ``E * sum_e f_e * P_e``.
+    """Switch Transformer's load-balancing loss ``E * sum_e f_e * P_e``.
 
     Args:
         probs (Tensor[T, E]): router probabilities.
@@ -87,10 +87,10 @@ class MoEFFN(nn.Module):
         num_experts: ``E >= 2``.
         top_k: experts per query, ``1 <= k <= E``.
 
-    ``forward(x (Tensor[..., C])) -> Tensor[..., C]``: a drop-in for :class:`FFN`. The
-    load-balancing loss of the last forward is stored in :attr:`aux_loss` (``Tensor[]``, part of
-    that forward's graph; None before the first call) so that the decoder layer can hand it to
-    the criterion (``MultiRouteDecoderLayer.moe_losses()``).
+    ``forward(x (Tensor[..., C])) -> Tensor[..., C]``: a drop-in for :class:`FFN` (the
+    load-balancing loss is dropped). :meth:`forward_with_balance_loss` also returns that loss;
+    the decoder returns it per route in ``MultiRouteDecoderOutput.balance_losses``. Nothing of a
+    forward is stored on the module.
     """
 
     def __init__(
@@ -113,12 +113,7 @@ class MoEFFN(nn.Module):
         self.experts = nn.ModuleList(
             FFN(embed_dim, ffn_dim, dropout, activation) for _ in range(num_experts)
         )
-        self.aux_loss: Tensor | None = None
         self.reset_parameters()
-
-    def __getstate__(self):
-        # the stored loss belongs to one forward's graph: never copy or pickle it
-        return {**super().__getstate__(), "aux_loss": None}
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}"
@@ -136,9 +131,13 @@ class MoEFFN(nn.Module):
         """Router logits ``Tensor[..., E]`` of ``x (Tensor[..., C])`` (sees the route embedding)."""
         return F.linear(x + self.route_embedding, self.router.weight, self.router.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (Tensor[..., C])`` -> ``Tensor[..., C]``; sets :attr:`aux_loss`."""
+    def forward_with_balance_loss(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x (Tensor[..., C])`` -> ``(Tensor[..., C], balance loss Tensor[])``
+        (:func:`load_balancing_loss` of this call's routing)."""
         flat = x.reshape(-1, x.shape[-1])  # [T, C]
         y, probs, top_idx = moe_ffn(flat, self.router_logits(flat), self.experts, self.top_k)
-        self.aux_loss = load_balancing_loss(probs, top_idx)
-        return y.view(x.shape)
+        return y.view(x.shape), load_balancing_loss(probs, top_idx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (Tensor[..., C])`` -> ``Tensor[..., C]`` (the balance loss is not kept)."""
+        return self.forward_with_balance_loss(x)[0]

@@ -1,15 +1,18 @@
 """``MultiRouteDecoderLayer``: one Deformable-DETR decoder layer that trains several routes at once.
 
-Routes are a leading tensor axis ``[R, B, Q, C]``. Routes that share a sub-layer are packed into
-one call of it: the shared self-attention runs over ``[R' * B, Q, C]`` (routes never see each
-other), the shared deformable cross-attention over ``[B, R' * Q, C]`` (so the encoder memory's
-value projection is computed once), the shared FFN over the routes that do not own one. Only the
-routes present in the input run: ``R = 1`` (and always eval mode) runs the primary route alone,
-which touches no auxiliary module.
+Routes are a leading tensor axis ``[R, B, Q, C]`` (:class:`~mrdetr.routing.RouteStack`). Routes
+that share a sub-layer are packed into one call of it (:func:`~mrdetr.routing.dispatch` over the
+packs of the layer's :class:`~mrdetr.routing.RoutePlan`): the shared self-attention runs over
+``[R' * B, Q, C]`` (routes never see each other), the shared deformable cross-attention over
+``[B, R' * Q, C]`` (so the encoder memory's value projection is computed once), the shared FFN
+over the routes that do not own one. Only the routes present in the input run: ``R = 1`` (and
+eval mode, unless eval routes were chosen) runs the primary route alone, which touches no
+auxiliary module.
 
 Parameter layout: the primary route's modules are ``self_attn``, ``norm1`` (after
 self-attention), ``cross_attn``, ``norm2``, ``ffn``, ``norm3``; everything an auxiliary route owns
-lives under ``aux.<route name>.`` (``self_attn``, ``norm1``, ``cross_attn``, ``ffn``), so
+lives under ``aux.<route name>.`` (:class:`~mrdetr.routing.OwnedModules` with the parts
+``self_attn``, ``norm1``, ``cross_attn``, ``ffn``), so
 :meth:`MultiRouteDecoderLayer.strip_auxiliary` only has to drop ``aux``.
 """
 
@@ -17,47 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from .. import routes as routes_lib
 from ..routes import Route
-from .aux_modules import AuxiliaryModules
+from ..routing import OwnedModules, RoutePlan, RouteStack, check_attn_mask, dispatch
+from ..routing import eval_prefix as _eval_prefix
 from .ffn import FFN
-from .instructive_attention import (
-    InstructiveSelfAttention,
-    MultiHeadSelfAttention,
-    check_attn_mask,
-)
+from .instructive_attention import InstructiveSelfAttention, MultiHeadSelfAttention
+from .layer_parts import check_layer_inputs, owned_parts, reset_children
 from .moe import MoEFFN
 from .ms_deform_attn import MultiScaleDeformableAttention, check_levels
-from .route_plan import Group, RoutePlan
 
 __all__ = ["MultiRouteDecoderLayer"]
 
 _MR_DETR = routes_lib.mr_detr()  # a tuple of frozen dataclasses: a safe default argument
-
-
-def _reset_children(module: nn.Module) -> None:
-    """Call ``reset_parameters`` on the outermost sub-modules that define it."""
-    for child in module.children():
-        if hasattr(child, "reset_parameters"):
-            child.reset_parameters()
-        else:
-            _reset_children(child)
-
-
-def _take(x: Tensor, group: Group) -> Tensor:
-    """``x[group.routes]`` along the route axis, a view when the routes are contiguous."""
-    idx = group.routes
-    return x[idx[0] : idx[0] + len(idx)] if group.is_contiguous else x[list(idx)]
-
-
-def _place(outs: list, group: Group, y: Tensor) -> None:
-    """Store ``y [R', ...]`` (the group's outputs, in group order) at the group's routes."""
-    for j, i in enumerate(group.routes):
-        outs[i] = y[j]
 
 
 class MultiRouteDecoderLayer(nn.Module):
@@ -114,7 +92,10 @@ class MultiRouteDecoderLayer(nn.Module):
         self.ffn = FFN(embed_dim, ffn_dim, dropout, activation)
         self.norm3 = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
-        self.aux = nn.ModuleDict({r.name: AuxiliaryModules(r, cfg) for r in self.routes[1:]})
+        parts = owned_parts(cfg)
+        self.aux = nn.ModuleDict(
+            {r.name: OwnedModules(self.plan, r, parts) for r in self.routes[1:]}
+        )
         self.eval_routes: tuple[str, ...] = ()
 
     @property
@@ -129,7 +110,7 @@ class MultiRouteDecoderLayer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialise every sub-module with its own scheme (e.g. Deformable-DETR's offsets)."""
-        _reset_children(self)
+        reset_children(self)
 
     def strip_auxiliary(self) -> MultiRouteDecoderLayer:
         """Drop every auxiliary route and its parameters, in place; returns ``self``.
@@ -156,23 +137,19 @@ class MultiRouteDecoderLayer(nn.Module):
                 f"routes[0] must be this layer's primary route {self.routes[0]}, "
                 f"got {plan.routes[0]}"
             )
-        aux = nn.ModuleDict()
+        aux, parts = nn.ModuleDict(), owned_parts(self._cfg)
+        primary = {"self_attn": self.self_attn, "norm1": self.norm1,
+                   "cross_attn": self.cross_attn, "ffn": self.ffn}  # fmt: skip
         for r in plan.routes[1:]:
-            keep = r.name in self.aux and r in self.plan.routes
-            aux[r.name] = self.aux[r.name] if keep else AuxiliaryModules.from_primary(r, self)
+            if r.name in self.aux and r in self.plan.routes:
+                aux[r.name] = self.aux[r.name]
+                continue
+            own = OwnedModules(plan, r, parts)
+            own.copy_from(primary)
+            aux[r.name] = own.to(self.norm1.weight.device, self.norm1.weight.dtype)
         self.aux, self.plan = aux, plan
         self.eval_routes = tuple(n for n in self.eval_routes if n in aux)
         return self
-
-    def moe_losses(self) -> dict[str, Tensor]:
-        """Load-balancing losses ``{route name: Tensor[]}`` of the mixture-of-experts FFNs
-        (:class:`~mrdetr.layers.moe.MoEFFN`) that ran in the last forward (empty without)."""
-        out = {}
-        for name, aux in self.aux.items():
-            ffn = getattr(aux, "ffn", None)
-            if isinstance(ffn, MoEFFN) and ffn.aux_loss is not None:
-                out[name] = ffn.aux_loss
-        return out
 
     def set_eval_routes(self, names: Sequence[str] = ()) -> MultiRouteDecoderLayer:
         """Choose auxiliary routes that also run in eval mode (default: none, the primary alone).
@@ -217,7 +194,8 @@ class MultiRouteDecoderLayer(nn.Module):
         key_padding_mask: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
         num_denoising: int = 0,
-    ) -> Tensor:
+        return_balance_losses: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Run the routes present in ``query`` (``R`` = all routes, or 1 = the primary alone).
 
         Args:
@@ -232,22 +210,22 @@ class MultiRouteDecoderLayer(nn.Module):
                 added to the logits; integer dtypes raise ``TypeError``); the same for every
                 route.
             num_denoising: leading denoising queries (DINO); they never see instruction tokens.
+            return_balance_losses: also return the load-balancing losses
+                ``{route name: Tensor[]}`` of this call's mixture-of-experts FFNs (routes that
+                ran; ``{}`` without).
 
         Returns:
             Tensor[R, B, Q, C]. In eval mode only the primary route runs and the output is
             ``[1, B, Q, C]`` (extra input routes are ignored), unless :meth:`set_eval_routes`
-            chose auxiliary routes: then ``[num_eval_routes, B, Q, C]``.
+            chose auxiliary routes: then ``[num_eval_routes, B, Q, C]``. With
+            ``return_balance_losses``: ``(that tensor, balance losses)``.
         """
-        self._check(query, query_pos, reference_points, value)
-        for aux in self.aux.values():  # moe_losses() reports this forward's routes only
-            if isinstance(getattr(aux, "ffn", None), MoEFFN):
-                aux.ffn.aux_loss = None
+        check_layer_inputs(self, query, query_pos, reference_points, value)
         check_levels(spatial_shapes, level_start_index, self.num_levels)
         check_attn_mask(self_attn_mask, query.shape[2], query, "self_attn_mask")
-        n_eval = self.num_eval_routes
-        if not self.training and query.shape[0] > n_eval:
-            query, reference_points = query[:n_eval], reference_points[:n_eval]
-            query_pos = None if query_pos is None else query_pos[:n_eval]
+        query, reference_points, query_pos = _eval_prefix(
+            self.training, self.num_eval_routes, query, reference_points, query_pos
+        )
         routes = self.routes[: query.shape[0]]
         x = self._self_attention(query, query_pos, routes, self_attn_mask, num_denoising)
         qp = x if query_pos is None else x + query_pos
@@ -255,15 +233,15 @@ class MultiRouteDecoderLayer(nn.Module):
             qp, reference_points, routes, value, spatial_shapes, level_start_index, key_padding_mask
         )
         x = self.norm2(x + self.dropout(ca))
-        return self.norm3(x + self.dropout(self._ffn(x, routes)))
+        balance: dict[str, Tensor] = {}
+        out = self.norm3(x + self.dropout(self._ffn(x, routes, balance)))
+        return (out, balance) if return_balance_losses else out
 
     def _self_attention(self, query, query_pos, routes, mask, num_denoising) -> Tensor:
-        """Self-attention + residual + LayerNorm per group of routes; [R, B, Q, C]."""
-        outs: list[Tensor | None] = [None] * len(routes)
-        for g in self.plan.groups("self_attn", len(routes)):
-            q = _take(query, g)
-            pos = None if query_pos is None else _take(query_pos, g)
-            if g.owner is None:
+        """Self-attention + residual + LayerNorm per pack of routes; [R, B, Q, C]."""
+
+        def run(pack, q, pos):
+            if pack.owner is None:
                 fold = "r b q c -> (r b) q c"
                 y = self.self_attn.attend(
                     rearrange(q, fold),
@@ -271,65 +249,47 @@ class MultiRouteDecoderLayer(nn.Module):
                     attn_mask=mask,
                     num_denoising=num_denoising,
                 )[0]
-                y = self.norm1(q + self.dropout(y.view(q.shape)))  # [R', B, Q, C]
+                return self.norm1(q + self.dropout(y.view(q.shape)))  # [R', B, Q, C]
+            aux = self.aux[pack.owner]
+            p0 = None if pos is None else pos[0]
+            if isinstance(aux.self_attn, InstructiveSelfAttention):
+                y = aux.self_attn(
+                    q[0],
+                    p0,
+                    attn_mask=mask,
+                    num_denoising=num_denoising,
+                    projections=aux.self_attn.attn or self.self_attn,
+                )
             else:
-                aux = self.aux[g.owner]
-                p0 = None if pos is None else pos[0]
-                if isinstance(aux.self_attn, InstructiveSelfAttention):
-                    y = aux.self_attn(
-                        q[0],
-                        p0,
-                        attn_mask=mask,
-                        num_denoising=num_denoising,
-                        projections=aux.self_attn.attn or self.self_attn,
-                    )
-                else:
-                    y = aux.self_attn.attend(q[0], p0, attn_mask=mask)[0]
-                norm = aux.norm1 if self.plan.owns(routes[g.routes[0]], "self_attn_norm") else None
-                y = (norm or self.norm1)(q[0] + self.dropout(y))[None]
-            _place(outs, g, y)
-        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+                y = aux.self_attn.attend(q[0], p0, attn_mask=mask)[0]
+            own_norm = self.plan.owns(routes[pack.routes[0]], "self_attn_norm")
+            return (aux.norm1 if own_norm else self.norm1)(q[0] + self.dropout(y))[None]
+
+        packs = self.plan.packs("self_attn", len(routes))
+        return dispatch(RouteStack(len(routes)), packs, run, query, query_pos)
 
     def _cross_attention(self, qp, ref, routes, value, shapes, start, kpm) -> Tensor:
         """Deformable cross-attention, one packed call for the routes sharing it; [R, B, Q, C]."""
-        outs: list[Tensor | None] = [None] * len(routes)
-        for g in self.plan.groups("cross_attn", len(routes)):
-            attn = self.cross_attn if g.owner is None else self.aux[g.owner].cross_attn
-            q = rearrange(_take(qp, g), "r b q c -> b (r q) c")
-            r = rearrange(_take(ref, g), "r b q ... -> b (r q) ...")
+
+        def run(pack, q, r):
+            attn = self.cross_attn if pack.owner is None else self.aux[pack.owner].cross_attn
+            q = rearrange(q, "r b q c -> b (r q) c")
+            r = rearrange(r, "r b q ... -> b (r q) ...")
             y = attn(q, r, value, shapes, start, kpm)  # [B, R'*Q, C]
-            _place(outs, g, rearrange(y, "b (r q) c -> r b q c", r=len(g.routes)))
-        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+            return rearrange(y, "b (r q) c -> r b q c", r=len(pack.routes))
 
-    def _ffn(self, x: Tensor, routes: Sequence[Route]) -> Tensor:
-        """FFN of every route (shared one over the routes without their own); [R, B, Q, C]."""
-        outs: list[Tensor | None] = [None] * len(routes)
-        for g in self.plan.groups("ffn", len(routes)):
-            ffn = self.ffn if g.owner is None else self.aux[g.owner].ffn
-            _place(outs, g, ffn(_take(x, g)))
-        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
+        packs = self.plan.packs("cross_attn", len(routes))
+        return dispatch(RouteStack(len(routes)), packs, run, qp, ref)
 
-    def _check(self, query, query_pos, ref, value) -> None:
-        n, c = len(self.routes), self.embed_dim
-        if query.dim() != 4 or query.shape[-1] != c:
-            raise ValueError(f"query must be [R, B, Q, C={c}], got {tuple(query.shape)}")
-        if query.shape[0] not in (1, n, self.num_eval_routes):
-            raise ValueError(
-                f"query must hold R=1 (the primary route) or R={n} (all routes: "
-                f"{[r.name for r in self.routes]}) routes, got R={query.shape[0]}"
-            )
-        if query_pos is not None and query_pos.shape != query.shape:
-            raise ValueError(
-                f"query_pos must match query {tuple(query.shape)}, got {tuple(query_pos.shape)}"
-            )
-        lead = tuple(query.shape[:3])
-        ok = ref.dim() == 4 or (ref.dim() == 5 and ref.shape[3] == self.num_levels)
-        if not ok or tuple(ref.shape[:3]) != lead or ref.shape[-1] not in (2, 4):
-            raise ValueError(
-                f"reference_points must be [R, B, Q, L={self.num_levels}, 2 or 4] with "
-                f"[R, B, Q]={lead}, got {tuple(ref.shape)}"
-            )
-        if value.dim() != 3 or value.shape[0] != query.shape[1] or value.shape[-1] != c:
-            raise ValueError(
-                f"value must be [B={query.shape[1]}, S, C={c}], got {tuple(value.shape)}"
-            )
+    def _ffn(self, x: Tensor, routes: Sequence[Route], balance: dict) -> Tensor:
+        """FFN of every route (shared one over the routes without their own); [R, B, Q, C].
+        Mixture-of-experts FFNs add their load-balancing loss to ``balance``."""
+
+        def run(pack, xs):
+            ffn = self.ffn if pack.owner is None else self.aux[pack.owner].ffn
+            if isinstance(ffn, MoEFFN):
+                y, balance[pack.owner] = ffn.forward_with_balance_loss(xs)
+                return y
+            return ffn(xs)
+
+        return dispatch(RouteStack(len(routes)), self.plan.packs("ffn", len(routes)), run, x)

@@ -1,8 +1,10 @@
 """``RoutePlan``: which module every route uses for every sub-layer, decided once per route set.
 
-Both packers read it: :class:`~mrdetr.layers.multi_route.MultiRouteDecoderLayer` (routes on a
-leading ``[R, ...]`` axis) and the adapter (:mod:`mrdetr.adapters`, routes tiled along the query
-axis of a host decoder). The ownership rule is the one of :mod:`mrdetr.routes`:
+This is the one place the route-sharing rule lives. Everything that runs routes reads it:
+:class:`~mrdetr.layers.MultiRouteDecoderLayer` (routes on a leading ``[R, ...]`` axis), the
+adapters (:mod:`mrdetr.adapters`, routes tiled along the query axis of a host decoder) and the
+builder of a route's own modules (:mod:`mrdetr.routing.owned`). The ownership rule is the one
+of :mod:`mrdetr.routes`:
 
 ============================  ========================================================
 sub-layer                     an auxiliary route owns it when
@@ -14,8 +16,8 @@ sub-layer                     an auxiliary route owns it when
 ============================  ========================================================
 
 Every other route shares the primary route's module: all the sharing routes form one
-:class:`Group` (``owner=None``) so that the module is called once over all of them; every owner
-forms a group of its own.
+:class:`Pack` (``owner=None``) so that the module is called once over all of them; every owner
+forms a pack of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import NamedTuple
 
 from ..routes import Route, validate_routes
 
-__all__ = ["Group", "RoutePlan", "SUBLAYERS"]
+__all__ = ["Pack", "RoutePlan", "SUBLAYERS"]
 
 _OWNS: dict[str, Callable[[Route], bool]] = {
     "self_attn": lambda r: r.own_self_attn or r.num_instruction_tokens > 0,
@@ -37,13 +39,13 @@ SUBLAYERS: tuple[str, ...] = tuple(_OWNS)
 """Sub-layers a route can own: ``self_attn``, ``self_attn_norm``, ``cross_attn``, ``ffn``."""
 
 
-class Group(NamedTuple):
+class Pack(NamedTuple):
     """Routes that run one sub-layer through the same module.
 
     Attributes:
         owner: name of the auxiliary route owning the module, or None for the primary route's
             (shared) module.
-        routes: indices (into the route set, ascending) of the routes in the group.
+        routes: indices (into the route set, ascending) of the routes in the pack.
     """
 
     owner: str | None
@@ -56,19 +58,19 @@ class Group(NamedTuple):
 
 
 class RoutePlan:
-    """Groups of routes per sub-layer for a validated route set (primary first).
+    """Packs of routes per sub-layer for a validated route set (primary first).
 
     Args:
         routes: the route set (:mod:`mrdetr.routes`).
 
-    ``plan.groups("ffn")`` -> ``(Group(None, (0, 2)), Group("aux_ffn", (1,)))`` for
-    ``routes.mr_detr()``; ``plan.groups(s, 1)`` is always ``(Group(None, (0,)),)`` (the primary
+    ``plan.packs("ffn")`` -> ``(Pack(None, (0, 2)), Pack("aux_ffn", (1,)))`` for
+    ``routes.mr_detr()``; ``plan.packs(s, 1)`` is always ``(Pack(None, (0,)),)`` (the primary
     route alone touches no auxiliary module).
     """
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = validate_routes(routes)
-        self._groups = {
+        self._packs = {
             (s, n): _resolve(self.routes[:n], owns)
             for s, owns in _OWNS.items()
             for n in range(1, len(self.routes) + 1)
@@ -86,14 +88,14 @@ class RoutePlan:
         """The auxiliary routes owning ``sublayer``, in route order."""
         return tuple(r for r in self.routes[1:] if self.owns(r, sublayer))
 
-    def groups(self, sublayer: str, num_routes: int | None = None) -> tuple[Group, ...]:
-        """Non-empty groups of the first ``num_routes`` routes (default all) for ``sublayer``:
-        the shared group first, then each owner in route order."""
+    def packs(self, sublayer: str, num_routes: int | None = None) -> tuple[Pack, ...]:
+        """Non-empty packs of the first ``num_routes`` routes (default all) for ``sublayer``:
+        the shared pack first, then each owner in route order."""
         self._check_sublayer(sublayer)
         n = len(self.routes) if num_routes is None else num_routes
         if not 1 <= n <= len(self.routes):
             raise ValueError(f"num_routes must be in 1..{len(self.routes)}, got {num_routes}")
-        return self._groups[(sublayer, n)]
+        return self._packs[(sublayer, n)]
 
     @staticmethod
     def _check_sublayer(sublayer: str) -> None:
@@ -104,7 +106,7 @@ class RoutePlan:
         return f"RoutePlan({[r.name for r in self.routes]})"
 
 
-def _resolve(routes: tuple[Route, ...], owns: Callable[[Route], bool]) -> tuple[Group, ...]:
+def _resolve(routes: tuple[Route, ...], owns: Callable[[Route], bool]) -> tuple[Pack, ...]:
     shared = tuple(i for i, r in enumerate(routes) if i == 0 or not owns(r))
-    owners = tuple(Group(r.name, (i,)) for i, r in enumerate(routes) if i > 0 and owns(r))
-    return (Group(None, shared), *owners)
+    owners = tuple(Pack(r.name, (i,)) for i, r in enumerate(routes) if i > 0 and owns(r))
+    return (Pack(None, shared), *owners)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .hf_compat import backbone_config_kwargs
+from ..adapters.hf_compat import backbone_config_kwargs
 
 __all__ = ["hf_deformable_detr", "hf_rt_detr", "random_detection_batch", "require_transformers"]
 

@@ -1,0 +1,48 @@
+"""``hf_route_predictions``: a wrapped HF detector's routes -> ``MultiRouteCriterion``'s input."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..integration import RouteOutputs, registered_integrations
+from ..predictions import route_predictions
+from .base import HFDecoderIntegration, is_hf
+
+__all__ = ["hf_route_predictions"]
+
+
+def _family(model: nn.Module) -> HFDecoderIntegration:
+    families = [i for i in registered_integrations() if isinstance(i, HFDecoderIntegration)]
+    for family in families:
+        if family.detector_class and is_hf(model, family.detector_class):
+            return family
+    names = " or ".join(f.detector_class for f in families if f.detector_class)
+    raise TypeError(f"model must be a transformers {names}, got {type(model).__name__}")
+
+
+def hf_route_predictions(
+    model: nn.Module, outputs: RouteOutputs, model_output=None
+) -> dict[str, dict]:
+    """Every route's per-layer logits and boxes for ``MultiRouteCriterion``, from a wrapped HF
+    detector's :class:`RouteOutputs` and its own heads (exactly how the detector predicts).
+
+    Args:
+        model: the wrapped detector of a registered HF family (``detector_class``, e.g.
+            ``DeformableDetrForObjectDetection`` or ``RTDetrForObjectDetection``).
+        outputs: ``mrdetr.adapters.route_outputs(model)`` after a training forward.
+        model_output: that forward's return value; adds the encoder proposals to the primary
+            route as ``enc_outputs`` (two-stage Deformable-DETR: ``enc_outputs_class`` and
+            sigmoid ``enc_outputs_coord_logits``; RT-DETR: ``enc_topk_logits`` and
+            ``enc_topk_bboxes``).
+
+    Returns:
+        ``{route: {"pred_logits" [B, Q, K], "pred_boxes" [B, Q, 4], "aux_outputs": [...]}}``;
+        RT-DETR's denoising queries are not included (transformers' own loss covers them).
+
+    Raises:
+        TypeError: ``model`` is not the detector of a registered HF family.
+    """
+    family = _family(model)
+    classes, boxes = family.prediction_heads(model, outputs.hidden_states.shape[0])
+    enc = None if model_output is None else family.encoder_predictions(model_output)
+    return route_predictions(outputs, classes, boxes, enc_outputs=enc)
