@@ -38,7 +38,7 @@ one-to-many pairs); targets then hold ``"masks": Tensor[N_b, H, W]`` (bool, one 
 the whole batch, e.g. the padded batch's). Sets without ``"pred_masks"`` get no mask terms.
 
 Mixture of experts (optional): a route whose dict holds ``"loss_moe": Tensor[]`` (the
-load-balancing loss, ``MultiRouteDecoder.moe_losses()[route]``) gets ``"loss_moe/{route}"``,
+load-balancing loss, ``MultiRouteDecoderOutput.balance_losses[route]``) gets ``"loss_moe/{route}"``,
 added to ``"loss"`` with ``weight_dict["loss_moe"]`` (default 0.01) times the route's weight.
 """
 
@@ -313,7 +313,7 @@ class MultiRouteCriterion(nn.Module):
                     got = tuple(moe.shape) if isinstance(moe, Tensor) else type(moe).__name__
                     raise ValueError(
                         f"MultiRouteCriterion: outputs[{route!r}]['loss_moe'] must be a 0-dim "
-                        f"tensor (MultiRouteDecoder.moe_losses()[route]), received {got}"
+                        f"tensor (MultiRouteDecoderOutput.balance_losses[route]), received {got}"
                     )
                 w = self.term_weights["loss_moe"] * route_weight
                 losses[keys.add("loss_moe", route, None, "", sets, w)] = moe

@@ -9,19 +9,15 @@ import torch
 
 tf = pytest.importorskip("transformers")
 
+from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher  # noqa: E402
+from transformers.loss.loss_for_object_detection import HungarianMatcher  # noqa: E402
+from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher  # noqa: E402
+
 from mrdetr.adapters.host_loss import host_auxiliary_loss, host_route_loss  # noqa: E402
 from mrdetr.adapters.host_loss_families import family_of  # noqa: E402
 from mrdetr.adapters.host_matcher import HostMatcher  # noqa: E402
 from mrdetr.matching import OneToManyMatcher  # noqa: E402
-
-try:
-    from mrdetr.testing import hf_models
-except ImportError:
-    from mrdetr.adapters import hf_models
-
-from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher  # noqa: E402
-from transformers.loss.loss_for_object_detection import HungarianMatcher  # noqa: E402
-from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher  # noqa: E402
+from mrdetr.testing import hf_models  # noqa: E402
 
 
 def _backbone_kwargs(config_cls) -> dict:
