@@ -81,3 +81,25 @@ def test_report_quick_is_a_smoke_test_and_full_gives_both_comparisons(tmp_path):
     assert "costs 1.25x a baseline step" in text and "measured interleaved" in text
     assert "At equal training time (the baseline trained 2500 steps" in text
     assert "Mr. DETR AP 0.360 vs baseline 0.330" in text
+
+
+def test_bf16_step_trains_or_says_to_run_without_amp():
+    # the op may not support autocast yet: then the step says so, naming --amp
+    from toy.data import batch, make_dataset
+    from toy.model import ToyDETRConfig
+    from toy.train import TrainConfig, build_criterion, init_model, train_step
+
+    cfg = ToyDETRConfig(routes="mr_detr", dim=32, num_heads=4, ffn_dim=64, num_queries=10,
+                        num_instruction_tokens=2, backbone_width=8, two_stage=True)  # fmt: skip
+    model = init_model(cfg, 0)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    images, targets = batch(make_dataset(2, 32, 0), [0, 1])
+    try:
+        losses = train_step(model, build_criterion(model, TrainConfig()), opt, images, targets,
+                            0.1, amp="bf16")  # fmt: skip
+    except RuntimeError as e:
+        assert str(e).startswith("--amp bf16: the training step failed") and "without --amp" in str(
+            e
+        )
+    else:
+        assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])

@@ -132,16 +132,16 @@ def train_step(model, criterion, opt, images, targets, clip: float, amp: str | N
     try:
         with ctx:
             out = model(images)
-    except RuntimeError as e:
+        losses = criterion(out if amp is None else _float(out), targets)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+    except (RuntimeError, TypeError) as e:
         if amp is None:
             raise
         raise RuntimeError(
-            f"--amp {amp}: the forward pass failed under bfloat16 autocast ({e}); an op of the "
-            "model does not support it yet: run without --amp"
+            f"--amp {amp}: the training step failed under bfloat16 autocast ({e}); an op of the "
+            "model may not support it yet: run without --amp"
         ) from e
-    losses = criterion(_float(out), targets)
-    opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
     params = [p for g in opt.param_groups for p in g["params"]]
     nn.utils.clip_grad_norm_(params, clip)
     opt.step()
