@@ -77,6 +77,8 @@ def _main() -> None:
     from toy.data import make_dataset
 
     args = parse_args(sys.argv[1:])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args)
     data_cfg, model_cfg, train_cfg = settings(args, device)
     shape = {k: data_cfg[k] for k in ("max_objects", "min_frac")}
