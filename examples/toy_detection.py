@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from toy import data as toy_data  # noqa: E402
 from toy.checks import load_pair  # noqa: E402
-from toy.cli import parse_args, resolve_device, settings, show_progress  # noqa: E402
+from toy.cli import parse_args, resolve_device, set_threads, settings, show_progress  # noqa: E402
 from toy.cost import measure_step_cost  # noqa: E402
 from toy.method_eval import mask_stats, method_report, paper_columns  # noqa: E402
 from toy.plots import plot_attention, plot_convergence, plot_detections  # noqa: E402
@@ -115,8 +115,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args)
     rank = _init_distributed(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args, device)
     names, out = args.route_names, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_cfg, model_cfg, train_cfg = settings(args, device)

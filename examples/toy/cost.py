@@ -72,14 +72,13 @@ def _main() -> None:
     here = Path(__file__).resolve()
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here.parent]
     sys.path.insert(0, str(here.parents[1]))  # examples/: the toy package
-    from toy.cli import parse_args, resolve_device, settings
+    from toy.cli import parse_args, resolve_device, set_threads, settings
     from toy.cost import measure_step_cost as measure
     from toy.data import make_dataset
 
     args = parse_args(sys.argv[1:])
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args)
+    set_threads(args, device)
     data_cfg, model_cfg, train_cfg = settings(args, device)
     shape = {k: data_cfg[k] for k in ("max_objects", "min_frac")}
     data = make_dataset(4 * train_cfg.batch_size, data_cfg["image_size"], 0, **shape)
