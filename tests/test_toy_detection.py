@@ -59,7 +59,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         toy_train.train(cfg, tcfg, train_set, val_set, tmp_path / "cut", progress=False)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
-    assert saved["history"]["steps"] == 3
+    # saved before the interrupted evaluation: step 6 trained, its evaluation still to run
+    assert saved["history"]["steps"] == 6 and [e["step"] for e in saved["history"]["evals"]] == [3]
     monkeypatch.setattr(toy_train, "evaluate", evaluate)
     resumed, hist = toy_train.train(
         cfg, tcfg, train_set, val_set, tmp_path / "cut", resume=True, progress=False
