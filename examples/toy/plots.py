@@ -54,9 +54,10 @@ def plot_convergence(
         axes[1].plot(secs, ap, "o-", label=name)
     axes[0].set_xlabel("training step")
     if step_cost is not None:
-        axes[1].set_xlabel(f"training seconds = steps x step cost (measured interleaved, {device})")
+        clock = f"training seconds = steps x step cost\n(interleaved, one process, {device})"
     else:
-        axes[1].set_xlabel("training seconds, each run's own clock (depends on the machine's load)")
+        clock = "training seconds, each run's own clock\n(depends on the machine's load)"
+    axes[1].set_xlabel(clock)
     for ax in axes:
         ax.set_ylabel("primary-route COCO AP (val, 0-1)")
         ax.grid(alpha=0.3)
