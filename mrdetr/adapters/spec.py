@@ -148,6 +148,9 @@ class SpecIntegration(QueryTilingIntegration):
         return None if path is None else resolve(decoder, path, "final_norm")
 
     def check_routes(self, decoder: nn.Module, plan) -> None:
+        """The routes, as :meth:`Integration.check_routes`, then the spec's dry run on
+        ``decoder`` (:func:`~mrdetr.adapters.spec_checks.check_spec`): ``ValueError`` naming
+        the first wrong field."""
         super().check_routes(decoder, plan)
         spec = self.spec_for(decoder)
         check_spec(spec, decoder, self.layer_modules(decoder), self.final_norm(decoder))
