@@ -108,7 +108,7 @@ def test_rt_detr_routes_equal_oracle_and_denoising_stays_primary():
 def test_rt_detr_denoising_queries_never_see_instruction_tokens():
     """Changing the instruction tokens (and every auxiliary copy) changes nothing in the
     primary route, denoising queries included; its loss gives them no (or zero) gradient."""
-    model = _wrapped(hf_rt_detr)
+    model = _wrapped(hf_rt_detr, PRIMARY_LOSS)
     pixels, targets = random_detection_batch()
     torch.manual_seed(3)
     before = model(pixels, labels=_labels(targets))
