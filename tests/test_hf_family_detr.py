@@ -24,10 +24,13 @@ from mrdetr import adapters, routes  # noqa: E402
 from mrdetr.adapters.host_loss import host_route_loss  # noqa: E402
 from mrdetr.testing.hf_families import family_available, tiny_batch, tiny_model  # noqa: E402
 
-FAMILIES = [
-    pytest.param(f, marks=pytest.mark.skipif(not family_available(f), reason=f"no {f}"))
-    for f in ("detr", "table_transformer")
-]
+
+def _param(family, *values, id=None):
+    skip = pytest.mark.skipif(not family_available(family), reason=f"no {family}")
+    return pytest.param(family, *values, marks=skip, id=id or family)
+
+
+FAMILIES = [_param(f) for f in ("detr", "table_transformer")]
 ROUTES = routes.mr_detr(num_instruction_tokens=3)
 
 
@@ -85,20 +88,28 @@ def test_round_trip(family, tmp_path):
     check_round_trip(family, tmp_path)
 
 
-def _wrapped(family):
+def _wrapped(family, encoder_heads=None):
     model = tiny_model(family)
+    if encoder_heads is not None:  # decoder heads differ from config.num_attention_heads
+        model.config.encoder_attention_heads = encoder_heads
+        torch.manual_seed(0)
+        model = type(model)(model.config)
+        assert model.config.decoder_attention_heads != encoder_heads
     adapters.wrap(model, ROUTES)
     randomise(model)  # no two routes coincide
     return model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_routes_equal_route_by_route_oracle(family):
+@pytest.mark.parametrize(
+    ("family", "encoder_heads"),
+    [_param("detr", None), _param("table_transformer", None), _param("detr", 4, id="detr-heads")],
+)
+def test_routes_equal_route_by_route_oracle(family, encoder_heads):
     """Each route's hidden states (through ``decoder.layernorm``) and predictions equal a plain
     pass of the unwrapped model with that route's modules swapped in (the instruction route's
-    attention written out through the host's own q/k/v/out projections); the primary route's
-    are the model's own, bit for bit."""
-    model = _wrapped(family)
+    attention written out through the host's own q/k/v/out projections, with the decoder's
+    head count); the primary route's are the model's own, bit for bit."""
+    model = _wrapped(family, encoder_heads)
     batch = tiny_batch(model)
     out = model(**batch)
     outs = adapters.route_outputs(model)
