@@ -151,3 +151,30 @@ def test_routes_equal_route_by_route_oracle(family, encoder_heads):
                 torch.testing.assert_close(out.loss_dict[f"{route.name}/{key}"], value, **close)
             total = total + loss
     torch.testing.assert_close(out.loss, total, **close)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wrap_finds_the_decoder_and_refuses_a_query_padding_mask(family):
+    """A per-query ``decoder_attention_mask`` that reaches the decoder (DETR in transformers
+    5.x) is refused in training; where the host ignores it (4.57, Table Transformer) so does
+    the wrapped model."""
+    model = tiny_model(family)
+    plain = copy.deepcopy(model)
+    adapters.wrap(model, ROUTES)
+    state = model.model.decoder.mrdetr_routes
+    assert isinstance(state.integration, adapters.hf.HFDetrIntegration)
+    assert state.integration.detector_class == type(model).__name__
+    batch = tiny_batch(model)
+    batch.pop("labels")
+    mask = torch.ones(batch["pixel_values"].shape[0], model.config.num_queries, dtype=torch.long)
+    mask[:, 1::2] = 0
+    with torch.no_grad():
+        used = not torch.equal(
+            plain(**batch, decoder_attention_mask=mask).logits, plain(**batch).logits
+        )
+    if used:
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(**batch, decoder_attention_mask=mask)
+    else:
+        got = model(**batch, decoder_attention_mask=mask).logits
+        assert torch.equal(got, model(**batch).logits)
