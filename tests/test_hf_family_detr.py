@@ -178,3 +178,20 @@ def test_wrap_finds_the_decoder_and_refuses_a_query_padding_mask(family):
     else:
         got = model(**batch, decoder_attention_mask=mask).logits
         assert torch.equal(got, model(**batch).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_auxiliary_loss_routes_use_the_last_layer(family):
+    """``config.auxiliary_loss = False``: no in-loop norm, the host's loss (and each route's)
+    on the last layer only, which is the decoder's own ``last_hidden_state``."""
+    model = tiny_model(family)
+    model.config.auxiliary_loss = False
+    plain = copy.deepcopy(model)
+    adapters.wrap(model, ROUTES)
+    batch = tiny_batch(model)
+    out, want = model(**batch), plain(**batch)
+    hidden = adapters.route_outputs(model).hidden_states
+    assert torch.equal(hidden[-1, 0], out.last_hidden_state)
+    assert torch.equal(out.logits, want.logits)
+    assert {k for k in out.loss_dict if "/" not in k} == set(want.loss_dict)
+    assert "aux_ffn/loss_ce" in out.loss_dict and "aux_ffn/loss_ce_0" not in out.loss_dict
