@@ -24,8 +24,13 @@ class InstructHFAttention(nn.Module):
         self.out = out if out is not None else host.out_proj  # 4.57
         self.tokens, self.tokens_pos = tokens.detach().clone(), tokens_pos.detach().clone()
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, position_embeddings=None, object_queries=None,
+        **kwargs,
+    ):  # fmt: skip
         h = self.host
+        if position_embeddings is None:  # 4.57 DETR, Table Transformer: ``object_queries``
+            position_embeddings = object_queries
         b, q, c = hidden_states.shape
         heads = self.num_heads
         n = self.tokens.shape[0]

@@ -18,6 +18,7 @@ from .hf import (
     HFRTDetrIntegration,
     hf_route_predictions,
 )
+from .hf.detr import HFDetrIntegration
 from .integration import (
     Integration,
     QueryTilingIntegration,
@@ -39,6 +40,10 @@ register_integration(MultiRouteDecoderIntegration())
 register_integration(HFDeformableDetrIntegration())
 register_integration(HFRTDetrIntegration())
 register_integration(DeformableDetrIntegration())
+register_integration(HFDetrIntegration("DetrDecoder", "DetrForObjectDetection"))
+register_integration(
+    HFDetrIntegration("TableTransformerDecoder", "TableTransformerForObjectDetection")
+)
 
 __all__ = [
     "DecoderSpec",

@@ -98,6 +98,11 @@ def attention_weights(module: nn.Module) -> AttentionWeights:
         heads = getattr(module, "num_heads", None) or getattr(
             getattr(module, "config", None), "num_attention_heads", None
         )
+        head_dim = getattr(module, "head_dim", None)
+        if getattr(module, "num_heads", None) is None and isinstance(head_dim, int) and head_dim:
+            # HF 5.x modules keep head_dim, not num_heads; config.num_attention_heads is the
+            # *encoder's* (DETR, Deformable-DETR), wrong for a decoder with another head count
+            heads = module.q_proj.out_features // head_dim
         if not isinstance(heads, int):
             raise TypeError(
                 f"module {type(module).__name__}: found q/k/v projections but no int "

@@ -3,6 +3,7 @@ short file per family saying only what differs (``deformable_detr.py``, ``rt_det
 
 from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
 from .deformable_detr import HFDeformableDetrIntegration
+from .detr import HFDetrIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
 
@@ -13,4 +14,5 @@ __all__ = [
     "HFSelfAttentionCall",
     "hf_route_predictions",
     "stack_routes",
+    "HFDetrIntegration",
 ]
