@@ -12,6 +12,7 @@ The route mechanism itself (plan, packing, owned modules, instructive attention)
 from ..routing import RouteLayout
 from .deformable_detr import DeformableDetrIntegration
 from .fast_attention import restore_deformable_attention, use_fast_deformable_attention
+from . import hf
 from .hf import (
     HFDecoderIntegration,
     HFDeformableDetrIntegration,
@@ -39,6 +40,8 @@ register_integration(MultiRouteDecoderIntegration())
 register_integration(HFDeformableDetrIntegration())
 register_integration(HFRTDetrIntegration())
 register_integration(DeformableDetrIntegration())
+register_integration(hf.HFConditionalDetrIntegration())
+register_integration(hf.HFDabDetrIntegration())
 
 __all__ = [
     "DecoderSpec",

@@ -5,6 +5,8 @@ from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
 from .deformable_detr import HFDeformableDetrIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
+from .conditional_detr import HFConditionalDetrIntegration
+from .dab_detr import HFDabDetrIntegration
 
 __all__ = [
     "HFDecoderIntegration",
@@ -13,4 +15,6 @@ __all__ = [
     "HFSelfAttentionCall",
     "hf_route_predictions",
     "stack_routes",
+    "HFConditionalDetrIntegration",
+    "HFDabDetrIntegration",
 ]
