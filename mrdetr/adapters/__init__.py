@@ -12,8 +12,9 @@ The route mechanism itself (plan, packing, owned modules, instructive attention)
 from ..routing import RouteLayout
 from .deformable_detr import DeformableDetrIntegration
 from .fast_attention import restore_deformable_attention, use_fast_deformable_attention
-from . import hf
 from .hf import (
+    HFConditionalDetrIntegration,
+    HFDabDetrIntegration,
     HFDecoderIntegration,
     HFDeformableDetrIntegration,
     HFRTDetrIntegration,
@@ -40,8 +41,8 @@ register_integration(MultiRouteDecoderIntegration())
 register_integration(HFDeformableDetrIntegration())
 register_integration(HFRTDetrIntegration())
 register_integration(DeformableDetrIntegration())
-register_integration(hf.HFConditionalDetrIntegration())
-register_integration(hf.HFDabDetrIntegration())
+register_integration(HFConditionalDetrIntegration())
+register_integration(HFDabDetrIntegration())
 
 __all__ = [
     "DecoderSpec",

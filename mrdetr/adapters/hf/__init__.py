@@ -2,11 +2,11 @@
 short file per family saying only what differs (``deformable_detr.py``, ``rt_detr.py``)."""
 
 from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
+from .conditional_detr import HFConditionalDetrIntegration
+from .dab_detr import HFDabDetrIntegration
 from .deformable_detr import HFDeformableDetrIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
-from .conditional_detr import HFConditionalDetrIntegration
-from .dab_detr import HFDabDetrIntegration
 
 __all__ = [
     "HFDecoderIntegration",

@@ -41,13 +41,12 @@ class HFConditionalDetrIntegration(HFContentPositionIntegration):
         return ("inputs_embeds", *(n for n in _POSITION_ARGS if n in params))
 
     def layer_modules(self, decoder):
-        return [
-            LayerModules(
-                layer, layer.self_attn, layer.self_attn_layer_norm, layer_ffn(layer),
-                embed_dim=layer.self_attn_layer_norm.normalized_shape[0],
-            )  # fmt: skip
-            for layer in decoder.layers
-        ]
+        mods = []
+        for layer in decoder.layers:
+            norm = layer.self_attn_layer_norm
+            dim = norm.normalized_shape[0]
+            mods.append(LayerModules(layer, layer.self_attn, norm, layer_ffn(layer), embed_dim=dim))
+        return mods
 
     def attention_call(self, host):
         layer = host.layer

@@ -125,8 +125,8 @@ def slice_route(output, layout, i: int, dims: dict[str, int]):
     fields = {}
     for name, value in output.items():
         dim = dims.get(name, 2 if name.startswith("intermediate_") else 1)
-        fields[name] = tuple(take(t, dim) for t in value) if isinstance(value, tuple) else take(
-            value, dim
+        fields[name] = (
+            tuple(take(t, dim) for t in value) if isinstance(value, tuple) else take(value, dim)
         )
     return type(output)(**fields)
 

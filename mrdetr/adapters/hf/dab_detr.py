@@ -35,7 +35,9 @@ class HFDabDetrIntegration(HFContentPositionIntegration):
             sa = layer.self_attn
             norm = sa.self_attn_layer_norm
             ffn = (layer.mlp.fc1, layer.mlp.fc2)
-            mods.append(LayerModules(layer, sa.self_attn, norm, ffn, embed_dim=norm.normalized_shape[0]))
+            mods.append(
+                LayerModules(layer, sa.self_attn, norm, ffn, embed_dim=norm.normalized_shape[0])
+            )
         return mods
 
     def attention_call(self, host):
