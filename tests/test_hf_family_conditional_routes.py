@@ -21,6 +21,10 @@ pytest.importorskip("transformers")
 
 from mrdetr import adapters, routes  # noqa: E402
 from mrdetr.adapters import hf_route_predictions  # noqa: E402
+from mrdetr.adapters.hf.content_position import (  # noqa: E402
+    ContentPositionCall,
+    ProjectedAttentionCall,
+)
 from mrdetr.testing.hf_families import family_available, tiny_batch, tiny_model  # noqa: E402
 
 FAMILIES = [f for f in ("conditional_detr", "dab_detr") if family_available(f)]
@@ -188,3 +192,13 @@ def test_reference_points_per_route(family):
         assert torch.equal(refs[0], refs[0, :1].expand_as(refs[0]))  # same input anchors
         assert torch.equal(refs[:, 0], want)
         assert not torch.equal(refs[1, 0], refs[1, 1])  # refined by each route's own layer
+
+
+def test_instruction_tokens_with_a_self_attention_mask_raise():
+    """Neither decoder masks its self-attention; a mask would not cover the token columns."""
+    lin = torch.nn.Linear(4, 4)
+    q, tokens, mask = torch.zeros(1, 2, 4), torch.zeros(3, 4), torch.zeros(2, 2)
+    calls = (ContentPositionCall(lin), ProjectedAttentionCall(lin, lin, lin, lin))
+    for call in calls:
+        with pytest.raises(ValueError, match="attn_mask=True"):
+            call.attend_with_tokens(lin, q, q, q, tokens, tokens, mask, None)
