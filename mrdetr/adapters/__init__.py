@@ -13,6 +13,8 @@ from ..routing import RouteLayout
 from .deformable_detr import DeformableDetrIntegration
 from .fast_attention import restore_deformable_attention, use_fast_deformable_attention
 from .hf import (
+    HFConditionalDetrIntegration,
+    HFDabDetrIntegration,
     HFDecoderIntegration,
     HFDeformableDetrIntegration,
     HFRTDetrIntegration,
@@ -44,6 +46,8 @@ register_integration(HFDetrIntegration("DetrDecoder", "DetrForObjectDetection"))
 register_integration(
     HFDetrIntegration("TableTransformerDecoder", "TableTransformerForObjectDetection")
 )
+register_integration(HFConditionalDetrIntegration())
+register_integration(HFDabDetrIntegration())
 
 __all__ = [
     "DecoderSpec",

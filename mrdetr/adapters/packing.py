@@ -87,7 +87,15 @@ class MHACall:
 
 
 class _SelfAttentionForward:
-    """``forward`` of a host self-attention in a packed pass (block-diagonal per route)."""
+    """``forward`` of a host self-attention in a packed pass (block-diagonal per route).
+
+    The instruction route attends through the host's q/k/v weights
+    (:func:`~mrdetr.routing.instructive_attend`), unless the call convention defines
+    ``attend_with_tokens(fn, q, k, v, tokens, tokens_pos, attn_mask, key_padding_mask)
+    -> Tensor[B, Q, C]`` (``fn``: the host's own forward or the route's copy; ``tokens``,
+    ``tokens_pos``: ``[n, C]``): then the family sends the tokens through its own projections
+    (Conditional / DAB-DETR's separate content and position projections).
+    """
 
     def __init__(self, state: RouteModules, rp, layer: int, module: nn.Module, call, orig):
         self.state, self.rp, self.layer, self.module = state, rp, layer, module
@@ -121,6 +129,12 @@ class _SelfAttentionForward:
             attn = getattr(own, "self_attn", None)
             if hasattr(own, "tokens"):
                 host = self.module if attn is None else attn
+                with_tokens = getattr(self.call, "attend_with_tokens", None)
+                if with_tokens is not None:  # the family's own projections (Conditional, DAB)
+                    fn = self.orig if attn is None else attn
+                    outs[i] = with_tokens(fn, qs[i], ks[i], vs[i], own.tokens, own.tokens_pos,
+                                          aux_mask, kpms[i])  # fmt: skip
+                    continue
                 w = attention_weights(host)
                 outs[i] = instructive_attend(
                     qs[i], ks[i], vs[i], w, own.tokens + own.tokens_pos, own.tokens,

@@ -37,6 +37,8 @@ class LayerModules:
             route's own copy of each linear on its slice equals running its own FFN.
         ffn_norm: optional and unused (the FFN's norm is always shared); accepted so that
             older integrations still construct.
+        embed_dim: channels ``C`` of the instruction tokens; None: the query projection's input
+            width (a self-attention without plain q/k/v projections must give it).
     """
 
     layer: nn.Module
@@ -44,6 +46,7 @@ class LayerModules:
     self_attn_norm: nn.Module
     ffn: tuple[nn.Module, ...]
     ffn_norm: nn.Module | None = None
+    embed_dim: int | None = None
 
 
 def _host_parts(host: LayerModules, embed_dim: int) -> tuple[Part, ...]:
@@ -87,7 +90,8 @@ class RouteModules(nn.Module):
         self.host_layers = list(layers)  # plain list: the host's modules stay registered there
         self.aux = nn.ModuleList()
         for host in layers:
-            parts = _host_parts(host, attention_weights(host.self_attn).q_weight.shape[1])
+            dim = host.embed_dim or attention_weights(host.self_attn).q_weight.shape[1]
+            parts = _host_parts(host, dim)
             owned = {r.name: OwnedModules(plan, r, parts) for r in plan.routes[1:]}
             self.aux.append(nn.ModuleDict({n: m for n, m in owned.items() if len(m)}))
         self.reset_parameters()

@@ -2,6 +2,8 @@
 short file per family saying only what differs (``deformable_detr.py``, ``rt_detr.py``)."""
 
 from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
+from .conditional_detr import HFConditionalDetrIntegration
+from .dab_detr import HFDabDetrIntegration
 from .deformable_detr import HFDeformableDetrIntegration
 from .detr import HFDetrIntegration
 from .predictions import hf_route_predictions
@@ -15,4 +17,6 @@ __all__ = [
     "hf_route_predictions",
     "stack_routes",
     "HFDetrIntegration",
+    "HFConditionalDetrIntegration",
+    "HFDabDetrIntegration",
 ]

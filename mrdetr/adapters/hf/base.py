@@ -113,6 +113,8 @@ class HFDecoderIntegration(QueryTilingIntegration):
             ``{"pred_logits", "pred_boxes"}`` of a detector's output [None].
         ``layer_modules(decoder) -> list[LayerModules]``: where each layer's self-attention,
             its norm and the FFN are [``self_attn``, ``self_attn_layer_norm``, the FFN].
+        ``query_input_names(decoder) -> tuple``: the ``decoder.forward`` arguments tiled per
+            route [``query_inputs`` and the query position argument].
     """
 
     decoder_class = ""
@@ -150,6 +152,12 @@ class HFDecoderIntegration(QueryTilingIntegration):
         """The encoder proposals of the detector's ``model_output``, or None (default)."""
         return None
 
+    def query_input_names(self, decoder: nn.Module) -> tuple[str | None, ...]:
+        """Every ``decoder.forward`` argument tiled per route (those given): ``query_inputs``
+        and the query position argument (:func:`~mrdetr.adapters.hf_compat.query_position_arg`,
+        None when it has no known name)."""
+        return (*self.query_inputs, query_position_arg(decoder))
+
     def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
         bound = inspect.signature(type(decoder).forward).bind(decoder, *args, **kwargs)
         a = bound.arguments
@@ -162,7 +170,7 @@ class HFDecoderIntegration(QueryTilingIntegration):
         length = a[self.query_inputs[0]].shape[1]
         dn = self.num_denoising(decoder, length)
         layout = RouteLayout(num_routes, length - dn, dn, 1)
-        names = (*self.query_inputs, query_position_arg(decoder))
+        names = self.query_input_names(decoder)
         inputs = {n: a[n] for n in names if n is not None and a.get(n) is not None}
         inputs["as_tuple"] = request_model_output(decoder, a)  # packed: always a ModelOutput
         for name in names:
