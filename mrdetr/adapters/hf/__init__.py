@@ -2,9 +2,11 @@
 short file per family saying only what differs (``deformable_detr.py``, ``rt_detr.py``)."""
 
 from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
+from .d_fine import HFDeimv2Integration, HFDFineIntegration
 from .deformable_detr import HFDeformableDetrIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
+from .rt_detr_v2 import HFRTDetrV2Integration
 
 __all__ = [
     "HFDecoderIntegration",
@@ -13,4 +15,7 @@ __all__ = [
     "HFSelfAttentionCall",
     "hf_route_predictions",
     "stack_routes",
+    "HFRTDetrV2Integration",
+    "HFDFineIntegration",
+    "HFDeimv2Integration",
 ]
