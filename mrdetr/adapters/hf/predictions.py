@@ -37,6 +37,8 @@ def hf_route_predictions(
     Returns:
         ``{route: {"pred_logits" [B, Q, K], "pred_boxes" [B, Q, 4], "aux_outputs": [...]}}``;
         RT-DETR's denoising queries are not included (transformers' own loss covers them).
+        D-FINE / DEIMv2: every layer also holds ``"pred_corners"`` and ``"ref_points"`` and
+        each route ``"pre_outputs"`` (the decoder's own predictions, sliced per route).
 
     Raises:
         TypeError: ``model`` is not the detector of a registered HF family.
