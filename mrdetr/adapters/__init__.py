@@ -10,6 +10,7 @@ The route mechanism itself (plan, packing, owned modules, instructive attention)
 """
 
 from ..routing import RouteLayout
+from . import hf
 from .deformable_detr import DeformableDetrIntegration
 from .fast_attention import restore_deformable_attention, use_fast_deformable_attention
 from .hf import (
@@ -48,6 +49,9 @@ register_integration(
 )
 register_integration(HFConditionalDetrIntegration())
 register_integration(HFDabDetrIntegration())
+register_integration(hf.HFRTDetrV2Integration())
+register_integration(hf.HFDFineIntegration())
+register_integration(hf.HFDeimv2Integration())
 
 __all__ = [
     "DecoderSpec",

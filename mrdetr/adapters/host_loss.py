@@ -12,9 +12,11 @@ Route predictions are mrdetr's layout (what ``hf_route_predictions`` returns per
      "enc_outputs": {"pred_logits": Tensor[B, S, K'], "pred_boxes": ...}} # optional
 
 (``"logits"`` is accepted for ``"pred_logits"``; D-FINE / DEIM layers also hold
-``"pred_corners"`` and ``"ref_points"``.) ``K'`` is the family's own logit width (``K + 1`` for
-DETR's no-object). ``labels`` are transformers' labels: a list of ``B`` dicts ``{"class_labels":
-Tensor[N_b] int64, "boxes": Tensor[N_b, 4]}`` (cxcywh, normalised).
+``"pred_corners"`` and ``"ref_points"``, and a route may hold ``"pre_outputs"``
+``{"pred_logits", "pred_boxes"}``, the prediction their decoders make before layer 1's.)
+``K'`` is the family's own logit width (``K + 1`` for DETR's no-object). ``labels`` are
+transformers' labels: a list of ``B`` dicts ``{"class_labels": Tensor[N_b] int64, "boxes":
+Tensor[N_b, 4]}`` (cxcywh, normalised).
 
 Encoder proposals: a route is supervised on encoder proposals only when its dict holds
 ``"enc_outputs"`` (e.g. Route-3 with its own proposals); the shared proposals are the primary
@@ -127,13 +129,16 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
             f"{len(layers)}"
         )
 
-    def stack(key: str) -> Tensor:
-        return torch.stack(
-            [_get(x, key, w) for x, w in zip(layers, where, strict=True)], family.layer_dim
-        )
+    def stack(key: str, pre=None) -> Tensor:
+        items = [_get(x, key, w) for x, w in zip(layers, where, strict=True)]
+        if pre is not None:
+            items.insert(0, _get(pre, key, f"[{family.pre_layer!r}]"))
+        return torch.stack(items, family.layer_dim)
 
+    pre = route.get(family.pre_layer) if family.pre_layer else None
     logits, boxes = _get(route, "pred_logits", ""), _get(route, "pred_boxes", "")
-    args = [logits, labels, logits.device, boxes, config, stack("pred_logits"), stack("pred_boxes")]
+    args = [logits, labels, logits.device, boxes, config]
+    args += [stack("pred_logits", pre), stack("pred_boxes", pre)]
     kwargs = {kw: stack(key) for key, kw in family.layer_extras}
     enc, stand_in = route.get("enc_outputs"), False
     if family.encoder != "none":

@@ -18,6 +18,9 @@ outputs_coord, *encoder, **keywords) -> (loss, loss_dict, auxiliary_outputs)``. 
 - ``layer_extras``: per-layer prediction keys stacked like ``outputs_class`` and passed as
   keywords (D-FINE / DEIM: ``pred_corners`` -> ``predicted_corners``, ``ref_points`` ->
   ``initial_reference_points``);
+- ``pre_layer``: key of a route's prediction stacked before layer 0 in ``outputs_class`` /
+  ``outputs_coord`` when the route holds it (D-FINE / DEIM: ``"pre_outputs"``, the
+  ``pre_bbox_head`` prediction their decoders put first in training), as the model passes them;
 - ``total``: ``"sum"`` (``loss_dict`` values are weighted, ``loss = sum(values)``) or
   ``"weighted"`` (``loss = sum(term_weights[term] * value)``, with ``term_weights``);
 - ``class_score``: the classification the family's matcher uses (:data:`CLASS_SCORES`);
@@ -70,6 +73,7 @@ class HostLossFamily:
     class_score: Callable[[object], str]
     layer_extras: tuple[tuple[str, str], ...] = ()
     group_detr: bool = False
+    pre_layer: str | None = None
     term_weights: Callable[[object], dict[str, float]] = _unit_weights
 
     def encoder_key(self, key: str, num_layers: int) -> bool:
@@ -138,6 +142,7 @@ FAMILIES: tuple[HostLossFamily, ...] = (
             ("pred_corners", "predicted_corners"),
             ("ref_points", "initial_reference_points"),
         ),
+        pre_layer="pre_outputs",
     ),
     HostLossFamily(
         name="lw_detr",

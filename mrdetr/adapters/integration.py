@@ -51,6 +51,9 @@ class RouteOutputs:
         reference_points (Tensor[N, R, B, Q, 2 or 4] or None): the reference each layer
             received (families with reference points).
         boxes (Tensor[N, R, B, Q, 4] or None): every layer's refined boxes (box refinement).
+        predictions: the family's own per-layer predictions by name, each ``[N', R, B, Q, ...]``
+            (D-FINE / DEIMv2: logits, boxes, corner distributions, initial boxes; empty for
+            families whose predictions come from their heads on ``hidden_states``).
     """
 
     routes: tuple[Route, ...]
@@ -58,6 +61,7 @@ class RouteOutputs:
     outputs: dict[str, Any] = field(default_factory=dict)
     reference_points: Tensor | None = None
     boxes: Tensor | None = None
+    predictions: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass

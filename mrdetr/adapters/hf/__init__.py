@@ -3,11 +3,13 @@ short file per family saying only what differs (``deformable_detr.py``, ``rt_det
 
 from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
 from .conditional_detr import HFConditionalDetrIntegration
+from .d_fine import HFDeimv2Integration, HFDFineIntegration
 from .dab_detr import HFDabDetrIntegration
 from .deformable_detr import HFDeformableDetrIntegration
 from .detr import HFDetrIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
+from .rt_detr_v2 import HFRTDetrV2Integration
 
 __all__ = [
     "HFDecoderIntegration",
@@ -19,4 +21,7 @@ __all__ = [
     "HFDetrIntegration",
     "HFConditionalDetrIntegration",
     "HFDabDetrIntegration",
+    "HFRTDetrV2Integration",
+    "HFDFineIntegration",
+    "HFDeimv2Integration",
 ]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ...routing import RouteLayout, split, tile
 from ..hf_compat import layer_ffn, layer_hidden, query_position_arg, request_model_output
 from ..integration import QueryTilingIntegration, RoutePass
+from ..predictions import route_predictions
 from ..route_modules import LayerModules
 
 __all__ = ["HFDecoderIntegration", "HFSelfAttentionCall", "is_hf", "stack_routes"]
@@ -51,9 +52,10 @@ class HFSelfAttentionCall:
         return out, None
 
 
-def _slice_output(output, layout: RouteLayout, i: int):
-    """Route ``i`` of an HF ``ModelOutput`` (``intermediate_*`` fields ``[B, N, L, ...]``, the
-    others ``[B, L, ...]`` or tuples of them); tensors without ``L`` queries are kept."""
+def _slice_output(output, layout: RouteLayout, i: int, layer_fields: tuple[str, ...] = ()):
+    """Route ``i`` of an HF ``ModelOutput`` (``intermediate_*`` fields and ``layer_fields``
+    ``[B, N, L, ...]``, the others ``[B, L, ...]`` or tuples of them); tensors without ``L``
+    queries are kept."""
 
     def take(t, dim):
         if not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != layout.length:
@@ -62,7 +64,7 @@ def _slice_output(output, layout: RouteLayout, i: int):
 
     fields = {}
     for name, value in output.items():
-        dim = 2 if name.startswith("intermediate_") else 1
+        dim = 2 if name.startswith("intermediate_") or name in layer_fields else 1
         if isinstance(value, tuple):
             fields[name] = tuple(take(t, dim) for t in value)
         else:
@@ -98,6 +100,9 @@ class HFDecoderIntegration(QueryTilingIntegration):
         query_inputs: the decoder ``forward`` arguments holding one entry per query along
             dim 1 (``[B, L, ...]``), tiled per route; a training call must give them. The query
             position argument (named differently in 4.57 and 5.x) is tiled too, when given.
+        layer_fields: the decoder output fields besides ``intermediate_*`` stacked per layer
+            (``[B, N, L, ...]``), sliced per route along dim 2 [none; D-FINE:
+            ``initial_reference_points``].
 
     Hooks (override where the family differs; defaults in brackets):
         ``num_denoising(decoder, num_inputs) -> int``: leading denoising queries among the
@@ -111,6 +116,9 @@ class HFDecoderIntegration(QueryTilingIntegration):
             refined boxes are in ``RouteOutputs.boxes`` [NotImplementedError].
         ``encoder_predictions(model_output) -> dict or None``: the encoder proposals
             ``{"pred_logits", "pred_boxes"}`` of a detector's output [None].
+        ``route_layer_predictions(model, outputs, model_output) -> dict``: every route's
+            per-layer predictions for :func:`hf_route_predictions` [``prediction_heads`` and
+            ``encoder_predictions`` through :func:`~mrdetr.adapters.route_predictions`].
         ``layer_modules(decoder) -> list[LayerModules]``: where each layer's self-attention,
             its norm and the FFN are [``self_attn``, ``self_attn_layer_norm``, the FFN].
         ``query_input_names(decoder) -> tuple``: the ``decoder.forward`` arguments tiled per
@@ -120,6 +128,7 @@ class HFDecoderIntegration(QueryTilingIntegration):
     decoder_class = ""
     detector_class = ""
     query_inputs: tuple[str, ...] = ("inputs_embeds", "reference_points")
+    layer_fields: tuple[str, ...] = ()
 
     def find_decoder(self, model: nn.Module) -> nn.Module | None:
         found = [m for m in model.modules() if is_hf(m, self.decoder_class)]
@@ -158,6 +167,14 @@ class HFDecoderIntegration(QueryTilingIntegration):
         None when it has no known name)."""
         return (*self.query_inputs, query_position_arg(decoder))
 
+    def route_layer_predictions(self, model: nn.Module, outputs, model_output=None) -> dict:
+        """``{route: {"pred_logits", "pred_boxes", "aux_outputs"[, "enc_outputs"]}}`` of the
+        detector ``model`` from its :class:`~mrdetr.adapters.RouteOutputs` (see
+        :func:`hf_route_predictions`): its heads on the routes' hidden states."""
+        classes, boxes = self.prediction_heads(model, outputs.hidden_states.shape[0])
+        enc = None if model_output is None else self.encoder_predictions(model_output)
+        return route_predictions(outputs, classes, boxes, enc_outputs=enc)
+
     def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
         bound = inspect.signature(type(decoder).forward).bind(decoder, *args, **kwargs)
         a = bound.arguments
@@ -180,7 +197,7 @@ class HFDecoderIntegration(QueryTilingIntegration):
 
     def split_outputs(self, decoder, output, route_pass: RoutePass):
         def route(i):
-            part = _slice_output(output, route_pass.layout, i)
+            part = _slice_output(output, route_pass.layout, i, self.layer_fields)
             return part.to_tuple() if route_pass.inputs["as_tuple"] else part  # as asked
 
         names = [r.name for r in decoder.mrdetr_routes.routes]

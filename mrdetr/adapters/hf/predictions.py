@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..integration import RouteOutputs, registered_integrations
-from ..predictions import route_predictions
 from .base import HFDecoderIntegration, is_hf
 
 __all__ = ["hf_route_predictions"]
@@ -38,11 +37,10 @@ def hf_route_predictions(
     Returns:
         ``{route: {"pred_logits" [B, Q, K], "pred_boxes" [B, Q, 4], "aux_outputs": [...]}}``;
         RT-DETR's denoising queries are not included (transformers' own loss covers them).
+        D-FINE / DEIMv2: every layer also holds ``"pred_corners"`` and ``"ref_points"`` and
+        each route ``"pre_outputs"`` (the decoder's own predictions, sliced per route).
 
     Raises:
         TypeError: ``model`` is not the detector of a registered HF family.
     """
-    family = _family(model)
-    classes, boxes = family.prediction_heads(model, outputs.hidden_states.shape[0])
-    enc = None if model_output is None else family.encoder_predictions(model_output)
-    return route_predictions(outputs, classes, boxes, enc_outputs=enc)
+    return _family(model).route_layer_predictions(model, outputs, model_output)

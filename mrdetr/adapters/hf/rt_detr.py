@@ -22,7 +22,8 @@ class HFRTDetrIntegration(HFDecoderIntegration):
         q = decoder.config.num_queries
         if num_inputs < q:
             raise ValueError(
-                f"RTDetrDecoder: expected at least config.num_queries={q} queries, got {num_inputs}"
+                f"{self.decoder_class}: expected at least config.num_queries={q} queries, "
+                f"got {num_inputs}"
             )
         return num_inputs - q
 
