@@ -18,6 +18,7 @@ from .hf import (
     HFRTDetrIntegration,
     hf_route_predictions,
 )
+from .hf import HFLwDetrIntegration, HFRfDetrIntegration
 from .integration import (
     Integration,
     QueryTilingIntegration,
@@ -39,6 +40,8 @@ register_integration(MultiRouteDecoderIntegration())
 register_integration(HFDeformableDetrIntegration())
 register_integration(HFRTDetrIntegration())
 register_integration(DeformableDetrIntegration())
+register_integration(HFLwDetrIntegration())
+register_integration(HFRfDetrIntegration())
 
 __all__ = [
     "DecoderSpec",

@@ -98,6 +98,9 @@ def attention_weights(module: nn.Module) -> AttentionWeights:
         heads = getattr(module, "num_heads", None) or getattr(
             getattr(module, "config", None), "num_attention_heads", None
         )
+        head_dim = getattr(module, "head_dim", None)  # LW-DETR: only head_dim is kept
+        if not isinstance(heads, int) and isinstance(head_dim, int) and head_dim > 0:
+            heads = module.q_proj.out_features // head_dim
         if not isinstance(heads, int):
             raise TypeError(
                 f"module {type(module).__name__}: found q/k/v projections but no int "

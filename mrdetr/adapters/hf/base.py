@@ -109,6 +109,9 @@ class HFDecoderIntegration(QueryTilingIntegration):
         ``prediction_heads(model, num_layers) -> (class_heads, box_heads or None)``: the
             detector's heads for :func:`hf_route_predictions`; ``box_heads`` None when the
             refined boxes are in ``RouteOutputs.boxes`` [NotImplementedError].
+        ``route_boxes(model, outputs) -> Tensor[N, R, B, Q, 4] or None``: every layer's boxes
+            by the detector's own box head, for families whose boxes follow another rule than
+            :func:`~mrdetr.adapters.route_predictions`' (LW-DETR's ``refine_bboxes``) [None].
         ``encoder_predictions(model_output) -> dict or None``: the encoder proposals
             ``{"pred_logits", "pred_boxes"}`` of a detector's output [None].
         ``layer_modules(decoder) -> list[LayerModules]``: where each layer's self-attention,
@@ -145,6 +148,12 @@ class HFDecoderIntegration(QueryTilingIntegration):
         """``(class_heads, box_heads or None)`` of the detector ``model`` for its last
         ``num_layers`` decoder layers (see :func:`~mrdetr.adapters.route_predictions`)."""
         raise NotImplementedError(f"{self.name}: no prediction_heads for {self.detector_class}")
+
+    def route_boxes(self, model: nn.Module, outputs) -> Tensor | None:
+        """Every layer's boxes ``[N, R, B, Q, 4]`` of the :class:`~mrdetr.adapters.RouteOutputs`
+        ``outputs`` by the detector ``model``'s heads, or None (default: ``outputs.boxes`` or
+        :func:`~mrdetr.adapters.route_predictions`' rule)."""
+        return None
 
     def encoder_predictions(self, model_output) -> dict[str, Tensor] | None:
         """The encoder proposals of the detector's ``model_output``, or None (default)."""

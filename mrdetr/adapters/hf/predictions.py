@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ..integration import RouteOutputs, registered_integrations
@@ -43,6 +45,9 @@ def hf_route_predictions(
         TypeError: ``model`` is not the detector of a registered HF family.
     """
     family = _family(model)
+    boxes = family.route_boxes(model, outputs)
+    if boxes is not None:  # the family's own box rule (LW-DETR)
+        outputs = dataclasses.replace(outputs, boxes=boxes)
     classes, boxes = family.prediction_heads(model, outputs.hidden_states.shape[0])
     enc = None if model_output is None else family.encoder_predictions(model_output)
     return route_predictions(outputs, classes, boxes, enc_outputs=enc)
