@@ -99,9 +99,7 @@ def test_groups_never_see_each_other_in_any_route(family):
     model, _, _ = _wrapped(family)
     decoder = model.model.decoder
     captured = {}
-    hook = decoder.register_forward_pre_hook(
-        lambda m, a, k: captured.update(k), with_kwargs=True
-    )
+    hook = decoder.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
     model(**tiny_batch(model))
     hook.remove()
     adapters.route_outputs(model)
@@ -150,18 +148,16 @@ def test_route_losses_are_one_to_many_within_groups(family):
         keys = {k.split("/", 1)[1] for k in out.loss_dict if k.startswith(f"{route}/")}
         assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= keys, keys
         assert not any(k.endswith("_enc") for k in keys)
-    own = {k: v for k, v in out.loss_dict.items() if "/" not in k}
-    w = {"loss_ce": model.config.class_loss_coefficient,
-         "loss_bbox": model.config.bbox_loss_coefficient,
-         "loss_giou": model.config.giou_loss_coefficient}  # fmt: skip
+    c = model.config
+    w = {"loss_ce": c.class_loss_coefficient, "loss_bbox": c.bbox_loss_coefficient,
+         "loss_giou": c.giou_loss_coefficient}  # fmt: skip
 
-    def total(terms):
-        return sum(w[k.rstrip("_0123456789").removesuffix("_enc")] * v for k, v in terms.items()
-                   if k.rstrip("_0123456789").removesuffix("_enc") in w)  # fmt: skip
+    def total(prefix: str):  # the family's weighted sum of the terms under ``prefix``
+        terms = {k.removeprefix(prefix): v for k, v in out.loss_dict.items()}
+        terms = {k: v for k, v in terms.items() if prefix + k in out.loss_dict and "/" not in k}
+        return sum(w.get(k.rstrip("_0123456789").removesuffix("_enc"), 0.0) * v
+                   for k, v in terms.items())  # fmt: skip
 
-    routes_part = sum(
-        weights[r] * total({k.split("/", 1)[1]: v for k, v in out.loss_dict.items()
-                            if k.startswith(f"{r}/")})  # fmt: skip
-        for r in weights
-    )
-    torch.testing.assert_close(out.loss, total(own) + routes_part)
+    routes_part = sum(weights[r] * total(f"{r}/") for r in weights)
+    own = total("")
+    torch.testing.assert_close(out.loss, own + routes_part)
