@@ -18,6 +18,8 @@ from .hf import (
     HFDabDetrIntegration,
     HFDecoderIntegration,
     HFDeformableDetrIntegration,
+    HFLwDetrIntegration,
+    HFRfDetrIntegration,
     HFRTDetrIntegration,
     hf_route_predictions,
 )
@@ -52,6 +54,8 @@ register_integration(HFDabDetrIntegration())
 register_integration(hf.HFRTDetrV2Integration())
 register_integration(hf.HFDFineIntegration())
 register_integration(hf.HFDeimv2Integration())
+register_integration(HFLwDetrIntegration())
+register_integration(HFRfDetrIntegration())
 
 __all__ = [
     "DecoderSpec",

@@ -136,7 +136,9 @@ class _SelfAttentionForward:
                                           aux_mask, kpms[i])  # fmt: skip
                     continue
                 w = attention_weights(host)
-                outs[i] = instructive_attend(
+                # a call convention may bring its own (LW-DETR: query groups kept apart)
+                attend = getattr(self.call, "instructive_attend", instructive_attend)
+                outs[i] = attend(
                     qs[i], ks[i], vs[i], w, own.tokens + own.tokens_pos, own.tokens,
                     attn_mask=aux_mask, key_padding_mask=kpms[i],
                     dropout_p=w.dropout if host.training else 0.0,

@@ -7,6 +7,7 @@ from .d_fine import HFDeimv2Integration, HFDFineIntegration
 from .dab_detr import HFDabDetrIntegration
 from .deformable_detr import HFDeformableDetrIntegration
 from .detr import HFDetrIntegration
+from .lw_detr import HFLwDetrIntegration, HFRfDetrIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
 from .rt_detr_v2 import HFRTDetrV2Integration
@@ -24,4 +25,6 @@ __all__ = [
     "HFRTDetrV2Integration",
     "HFDFineIntegration",
     "HFDeimv2Integration",
+    "HFLwDetrIntegration",
+    "HFRfDetrIntegration",
 ]

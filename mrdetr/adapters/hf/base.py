@@ -7,6 +7,7 @@ recognised in one place, :mod:`mrdetr.adapters.hf_compat`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -114,6 +115,9 @@ class HFDecoderIntegration(QueryTilingIntegration):
         ``prediction_heads(model, num_layers) -> (class_heads, box_heads or None)``: the
             detector's heads for :func:`hf_route_predictions`; ``box_heads`` None when the
             refined boxes are in ``RouteOutputs.boxes`` [NotImplementedError].
+        ``route_boxes(model, outputs) -> Tensor[N, R, B, Q, 4] or None``: every layer's boxes
+            by the detector's own box head, for families whose boxes follow another rule than
+            :func:`~mrdetr.adapters.route_predictions`' (LW-DETR's ``refine_bboxes``) [None].
         ``encoder_predictions(model_output) -> dict or None``: the encoder proposals
             ``{"pred_logits", "pred_boxes"}`` of a detector's output [None].
         ``route_layer_predictions(model, outputs, model_output) -> dict``: every route's
@@ -157,6 +161,12 @@ class HFDecoderIntegration(QueryTilingIntegration):
         ``num_layers`` decoder layers (see :func:`~mrdetr.adapters.route_predictions`)."""
         raise NotImplementedError(f"{self.name}: no prediction_heads for {self.detector_class}")
 
+    def route_boxes(self, model: nn.Module, outputs) -> Tensor | None:
+        """Every layer's boxes ``[N, R, B, Q, 4]`` of the :class:`~mrdetr.adapters.RouteOutputs`
+        ``outputs`` by the detector ``model``'s heads, or None (default: ``outputs.boxes`` or
+        :func:`~mrdetr.adapters.route_predictions`' rule)."""
+        return None
+
     def encoder_predictions(self, model_output) -> dict[str, Tensor] | None:
         """The encoder proposals of the detector's ``model_output``, or None (default)."""
         return None
@@ -171,6 +181,9 @@ class HFDecoderIntegration(QueryTilingIntegration):
         """``{route: {"pred_logits", "pred_boxes", "aux_outputs"[, "enc_outputs"]}}`` of the
         detector ``model`` from its :class:`~mrdetr.adapters.RouteOutputs` (see
         :func:`hf_route_predictions`): its heads on the routes' hidden states."""
+        boxes = self.route_boxes(model, outputs)
+        if boxes is not None:  # the family's own box rule (LW-DETR)
+            outputs = dataclasses.replace(outputs, boxes=boxes)
         classes, boxes = self.prediction_heads(model, outputs.hidden_states.shape[0])
         enc = None if model_output is None else self.encoder_predictions(model_output)
         return route_predictions(outputs, classes, boxes, enc_outputs=enc)
