@@ -18,6 +18,7 @@ from .hf import (
     HFRTDetrIntegration,
     hf_route_predictions,
 )
+from .hf import HFGroundingDinoIntegration
 from .integration import (
     Integration,
     QueryTilingIntegration,
@@ -39,6 +40,8 @@ register_integration(MultiRouteDecoderIntegration())
 register_integration(HFDeformableDetrIntegration())
 register_integration(HFRTDetrIntegration())
 register_integration(DeformableDetrIntegration())
+register_integration(HFGroundingDinoIntegration("GroundingDino"))
+register_integration(HFGroundingDinoIntegration("MMGroundingDino"))
 
 __all__ = [
     "DecoderSpec",
@@ -67,4 +70,5 @@ __all__ = [
     "unwrap",
     "use_fast_deformable_attention",
     "wrap",
+    "HFGroundingDinoIntegration",
 ]

@@ -51,6 +51,9 @@ class RouteOutputs:
         reference_points (Tensor[N, R, B, Q, 2 or 4] or None): the reference each layer
             received (families with reference points).
         boxes (Tensor[N, R, B, Q, 4] or None): every layer's refined boxes (box refinement).
+        context: what the family's prediction heads need besides the hidden states, the same
+            for every route (Grounding DINO: the text features ``[B, T, C]`` and token mask
+            ``[B, T]``); empty for most families.
     """
 
     routes: tuple[Route, ...]
@@ -58,6 +61,7 @@ class RouteOutputs:
     outputs: dict[str, Any] = field(default_factory=dict)
     reference_points: Tensor | None = None
     boxes: Tensor | None = None
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
 from .deformable_detr import HFDeformableDetrIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
+from .grounding_dino import HFGroundingDinoIntegration
 
 __all__ = [
     "HFDecoderIntegration",
@@ -13,4 +14,5 @@ __all__ = [
     "HFSelfAttentionCall",
     "hf_route_predictions",
     "stack_routes",
+    "HFGroundingDinoIntegration",
 ]

@@ -111,6 +111,11 @@ class HFDecoderIntegration(QueryTilingIntegration):
             refined boxes are in ``RouteOutputs.boxes`` [NotImplementedError].
         ``encoder_predictions(model_output) -> dict or None``: the encoder proposals
             ``{"pred_logits", "pred_boxes"}`` of a detector's output [None].
+        ``route_heads(model, outputs, num_layers)``: as ``prediction_heads``, for heads that
+            also read ``outputs.context`` (Grounding DINO's text) [``prediction_heads``].
+        ``loss_inputs(model, outputs, model_output, predictions) -> dict``: entries added to
+            every route's predictions for the family's loss (Grounding DINO: ``label_maps``,
+            ``text_mask``) [none].
         ``layer_modules(decoder) -> list[LayerModules]``: where each layer's self-attention,
             its norm and the FFN are [``self_attn``, ``self_attn_layer_norm``, the FFN].
     """
@@ -149,6 +154,15 @@ class HFDecoderIntegration(QueryTilingIntegration):
     def encoder_predictions(self, model_output) -> dict[str, Tensor] | None:
         """The encoder proposals of the detector's ``model_output``, or None (default)."""
         return None
+
+    def route_heads(self, model: nn.Module, outputs, num_layers: int):
+        """``prediction_heads`` for heads that depend on the pass (``outputs``: the
+        :class:`~mrdetr.adapters.RouteOutputs`); default: ``prediction_heads(model, num_layers)``."""
+        return self.prediction_heads(model, num_layers)
+
+    def loss_inputs(self, model, outputs, model_output, predictions) -> dict:
+        """Entries added to every route's predictions for the family's loss (default: none)."""
+        return {}
 
     def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
         bound = inspect.signature(type(decoder).forward).bind(decoder, *args, **kwargs)

@@ -43,6 +43,10 @@ def hf_route_predictions(
         TypeError: ``model`` is not the detector of a registered HF family.
     """
     family = _family(model)
-    classes, boxes = family.prediction_heads(model, outputs.hidden_states.shape[0])
+    classes, boxes = family.route_heads(model, outputs, outputs.hidden_states.shape[0])
     enc = None if model_output is None else family.encoder_predictions(model_output)
-    return route_predictions(outputs, classes, boxes, enc_outputs=enc)
+    predictions = route_predictions(outputs, classes, boxes, enc_outputs=enc)
+    extra = family.loss_inputs(model, outputs, model_output, predictions)
+    for route in predictions.values():
+        route.update(extra)
+    return predictions
