@@ -133,7 +133,13 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
         )
 
     logits, boxes = _get(route, "pred_logits", ""), _get(route, "pred_boxes", "")
-    args = [logits, labels, logits.device, boxes, config, stack("pred_logits"), stack("pred_boxes")]
+    text = []
+    for key in family.text_inputs:  # Grounding DINO: label_maps, text_mask (from the prompt)
+        if key not in route:
+            raise ValueError(f"route_predictions has no {key!r} (keys: {sorted(route)})")
+        text.append(route[key])
+    args = [logits, labels, logits.device, boxes, config, *text]
+    args += [stack("pred_logits"), stack("pred_boxes")]
     kwargs = {kw: stack(key) for key, kw in family.layer_extras}
     enc, stand_in = route.get("enc_outputs"), False
     if family.encoder != "none":
@@ -145,6 +151,8 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
         )
         if family.encoder == "topk":
             kwargs.update(enc_topk_logits=pair[0], enc_topk_bboxes=pair[1])
+        elif family.encoder == "keywords":
+            kwargs.update(encoder_logits=pair[0], encoder_pred_boxes=pair[1])
         else:
             args.extend(pair)
     return args, kwargs, stand_in
