@@ -15,10 +15,10 @@ from .fast_attention import restore_deformable_attention, use_fast_deformable_at
 from .hf import (
     HFDecoderIntegration,
     HFDeformableDetrIntegration,
+    HFGroundingDinoIntegration,
     HFRTDetrIntegration,
     hf_route_predictions,
 )
-from .hf import HFGroundingDinoIntegration
 from .integration import (
     Integration,
     QueryTilingIntegration,

@@ -185,7 +185,8 @@ def tiny_model(
         num_queries: object queries (LW-DETR / RF-DETR: per group; two groups in training).
         d_model: decoder channels (32 or 64 keep it tiny; a multiple of 32).
 
-    Every dropout (and drop path) of the config is 0, so two forward passes on equal inputs are equal.
+    Every dropout (and drop path) of the config and its text model is 0, so two forward passes
+    on equal inputs are equal.
 
     Raises:
         ValueError: an unknown ``family`` or a ``d_model`` that is not a positive multiple of 32.

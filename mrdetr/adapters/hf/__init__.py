@@ -3,9 +3,9 @@ short file per family saying only what differs (``deformable_detr.py``, ``rt_det
 
 from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
 from .deformable_detr import HFDeformableDetrIntegration
+from .grounding_dino import HFGroundingDinoIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
-from .grounding_dino import HFGroundingDinoIntegration
 
 __all__ = [
     "HFDecoderIntegration",

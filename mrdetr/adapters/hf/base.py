@@ -157,7 +157,8 @@ class HFDecoderIntegration(QueryTilingIntegration):
 
     def route_heads(self, model: nn.Module, outputs, num_layers: int):
         """``prediction_heads`` for heads that depend on the pass (``outputs``: the
-        :class:`~mrdetr.adapters.RouteOutputs`); default: ``prediction_heads(model, num_layers)``."""
+        :class:`~mrdetr.adapters.RouteOutputs`); default: ``prediction_heads(model,
+        num_layers)``."""
         return self.prediction_heads(model, num_layers)
 
     def loss_inputs(self, model, outputs, model_output, predictions) -> dict:

@@ -137,7 +137,9 @@ class HFGroundingDinoIntegration(HFDeformableDetrIntegration):
         mask = outputs.context["text_token_mask"]  # [B, T], True on prompt tokens
 
         def classes(head):
-            return lambda h: head(vision_hidden_state=h, text_hidden_state=text, text_token_mask=mask)
+            return lambda h: head(
+                vision_hidden_state=h, text_hidden_state=text, text_token_mask=mask
+            )
 
         heads = [classes(h) for h in model.class_embed[:num_layers]]
         return heads, model.bbox_embed[:num_layers]
