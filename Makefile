@@ -3,9 +3,13 @@
 #   make test      lint + format check + the whole test suite (what CI runs)
 #   make op-demo   build the deformable-attention op, run it on every backend, time it
 #   make test-hf457  the HF adapter tests again with transformers 4.57 (CI runs it after `test`)
+#   make demo-quick  a smoke test of the demo's pipeline (about a minute), not a comparison
+# The demo uses a GPU when there is one; DEMO_ARGS passes options, e.g.
+#   make demo DEMO_ARGS="--device cuda --amp bf16"   or   DEMO_ARGS="--device cpu --threads 2"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_ARGS ?=
 STAMP := $(VENV)/.mrdetr-installed
 
 .PHONY: venv demo demo-quick op-demo test test-hf457 bench clean
@@ -20,10 +24,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(PY) examples/toy_detection.py --out toy_detection_out
+	$(PY) examples/toy_detection.py --out toy_detection_out $(DEMO_ARGS)
 
 demo-quick: venv
-	$(PY) examples/toy_detection.py --quick --out toy_detection_out
+	$(PY) examples/toy_detection.py --quick --out toy_detection_out $(DEMO_ARGS)
 
 op-demo: venv
 	$(PY) examples/op_demo.py

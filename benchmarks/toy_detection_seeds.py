@@ -11,6 +11,15 @@ routes' cost buys (equal time), then summarise::
     python benchmarks/toy_detection_seeds.py runs/seed0 runs/seed1 runs/seed2 \\
         --long runs/long0 runs/long1 runs/long2
 
+With ``--equal-time`` (default on a CUDA device) each demo folder holds its own equal-time
+baseline (``baseline_equal_time``, its steps from the step costs measured interleaved in one
+process, ``toy.cost``); ``--long`` is then not needed::
+
+    for s in 0 1 2; do
+      python examples/toy_detection.py --seed $s --equal-time --out runs/seed$s
+    done
+    python benchmarks/toy_detection_seeds.py runs/seed0 runs/seed1 runs/seed2
+
 Prints one markdown table: per run, AP / AP50 / AP75 / AR100 mean +- sample sd over the seeds and
 the per-seed values, then the paired differences mr_detr - baseline.
 """
@@ -61,9 +70,16 @@ def main(argv=None) -> None:
         runs = [r[name] for r in results if name in r]
         if runs:
             print(row(name, runs, str(runs[0]["steps"])))
-    if args.long:
-        long = [load(f)["baseline"] for f in args.long]
-        print(row("baseline, equal time", long, str(long[0]["steps"])))
+    longs = [load(f)["baseline"] for f in args.long]
+    if not longs and all("baseline_equal_time" in r for r in results):
+        longs = [r["baseline_equal_time"] for r in results]
+    if longs:
+        print(row("baseline, equal time", longs, str(longs[0]["steps"])))
+    costs = [r["settings"].get("step_cost") for r in results if "settings" in r]
+    for c in (c for c in costs[:1] if c):
+        sec = c["seconds_per_step"]
+        print(f"\nstep cost, measured interleaved on {c['device']}: " + ", ".join(
+            f"{n} {v:.4f} s" for n, v in sec.items()))  # fmt: skip
     paired = [r for r in results if "baseline" in r and "mr_detr" in r]
     if paired:
         print()
@@ -73,12 +89,9 @@ def main(argv=None) -> None:
                 f"- mr_detr - baseline, {k} at equal steps: {mean_sd(diffs)} "
                 f"(per seed {', '.join(f'{d:+.3f}' for d in diffs)})"
             )
-        if args.long and len(args.long) == len(paired):
+        if longs and len(longs) == len(paired):
             for k in KEYS:
-                diffs = [
-                    r["mr_detr"][k] - load(f)["baseline"][k]
-                    for r, f in zip(paired, args.long, strict=True)
-                ]
+                diffs = [r["mr_detr"][k] - b[k] for r, b in zip(paired, longs, strict=True)]
                 print(
                     f"- mr_detr - baseline, {k} at equal time: {mean_sd(diffs)} "
                     f"(per seed {', '.join(f'{d:+.3f}' for d in diffs)})"

@@ -99,8 +99,23 @@ def validate_routes(routes: Sequence[Route]) -> tuple[Route, ...]:
     supervised one-to-one (``"o2o"`` or ``"both"``). Names are unique.
 
     Raises:
+        TypeError: ``routes`` is not a sequence of routes (a route-set function not called, a
+            single :class:`Route`).
         ValueError: naming the offending route.
     """
+    if isinstance(routes, Route):
+        raise TypeError(
+            f"routes must be a sequence of Route, primary first (e.g. routes.mr_detr()), got a "
+            f"single Route {routes.name!r}: pass [primary, ..., {routes.name!r}]"
+        )
+    if callable(routes):
+        name = getattr(routes, "__name__", type(routes).__name__)
+        raise TypeError(
+            f"routes must be a sequence of Route, got the function {name}: call it "
+            f"(routes={name}())"
+        )
+    if isinstance(routes, (str, bytes)) or not hasattr(routes, "__iter__"):
+        raise TypeError(f"routes must be a sequence of Route, got {type(routes).__name__}")
     routes = tuple(routes)
     if not routes:
         raise ValueError("routes must hold at least the primary route, got an empty sequence")

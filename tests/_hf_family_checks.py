@@ -102,7 +102,12 @@ def check_round_trip(family: str, tmp_path) -> None:
     opt.step()
     adapters.unwrap(model)
     assert list(model.state_dict()) == keys
-    model.save_pretrained(tmp_path)
+    try:
+        model.save_pretrained(tmp_path)
+    except RuntimeError as err:  # transformers 4.x: box heads shared with the decoder
+        if "shared tensors" not in str(err):
+            raise
+        model.save_pretrained(tmp_path, safe_serialization=False)
     loaded = type(model).from_pretrained(tmp_path)
     assert list(loaded.state_dict()) == keys
     batch.pop("labels", None)

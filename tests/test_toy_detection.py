@@ -1,9 +1,10 @@
-"""Toy demo end to end: outputs and sane AP, exact resume, DDP equals one process."""
+"""Toy demo end to end: outputs and a falling loss, exact resume, DDP equals one process."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         toy_train.train(cfg, tcfg, train_set, val_set, tmp_path / "cut", progress=False)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
-    assert saved["history"]["steps"] == 3
+    # saved before the interrupted evaluation: step 6 trained, its evaluation still to run
+    assert saved["history"]["steps"] == 6 and [e["step"] for e in saved["history"]["evals"]] == [3]
     monkeypatch.setattr(toy_train, "evaluate", evaluate)
     resumed, hist = toy_train.train(
         cfg, tcfg, train_set, val_set, tmp_path / "cut", resume=True, progress=False
@@ -79,7 +81,9 @@ def test_runs_share_initial_weights_and_untrained_model_is_worse(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_writes_every_output_and_beats_the_untrained_model(tmp_path):
+def test_quick_run_writes_every_output_learns_and_says_it_is_a_smoke_test(tmp_path):
+    # What a quick run shows on any machine: outputs written and the loss well below its start
+    # (about 0.6x after 80 steps here, asserted < 0.8x). Its AP is at noise level: not asserted.
     out = tmp_path / "out"
     args = [*TINY, "--train-images-count", "256", "--steps", "80", "--eval-every", "40"]
     results = toy_detection.main([*args, "--out", str(out)])
@@ -96,17 +100,22 @@ def test_quick_run_writes_every_output_and_beats_the_untrained_model(tmp_path):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) == {"baseline", "mr_detr", "settings"}
-    _, model_cfg, train_cfg = toy_detection.settings(toy_detection.parse_args(args))
-    val = make_dataset(8, 64, seed=1, max_objects=3, min_frac=0.2)
+    cost = saved["settings"]["step_cost"]["seconds_per_step"]
+    assert set(cost) == {"baseline", "mr_detr"} and min(cost.values()) > 0
     for name in ("baseline", "mr_detr"):
         r = saved[name]
         assert r["steps"] == 80 and [h["step"] for h in r["history"]] == [40, 80]
         assert 0.0 <= r["AP75"] <= r["AP50"] <= 1.0 and r["seconds_per_step"] > 0
-        untrained = toy_train.init_model(replace(model_cfg, routes=name), train_cfg.seed)
-        assert r["AP50"] > evaluate(untrained.eval(), val)["AP50"] + 0.01, name
+        losses = torch.load(out / name / "last.pt", weights_only=False)["history"]["losses"]
+        assert len(losses) == 80
+        first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+        assert last < 0.8 * first, (name, first, last)
     assert results["mr_detr"]["AP"] == saved["mr_detr"]["AP"]
     report = (out / "report.md").read_text()
+    assert "smoke test" in report.lower() and "too short to compare" in report
+    assert "won" not in report  # no verdict from a smoke run
     assert f"{saved['mr_detr']['AP']:.3f}" in report and f"{saved['baseline']['AP']:.3f}" in report
+    assert not re.findall(r"\| [+-]?\d+\.\d \|", report)  # no percent table: AP 0-1 everywhere
 
 
 def test_cli_rejects_partial_user_data_and_unknown_routes(tmp_path):

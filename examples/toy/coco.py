@@ -1,30 +1,87 @@
 """A user's COCO instances json + image folder as :class:`~toy.data.DetectionData`, with clear
-errors (naming the file) for a missing or malformed annotation file, image folder or image."""
+errors naming the file, image, annotation or category for whatever is missing or malformed, and
+one warning naming the images and annotations of boxes that are not trained on as written.
+
+Train and val are read and checked together by ``toy.checks.load_pair`` (categories aligned,
+usable annotations); ``load_coco`` reads one file and opens every image once.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .data import DetectionData, xywh_to_cxcywh
 
-__all__ = ["load_coco"]
+__all__ = ["image_rgb", "load_coco"]
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def image_rgb(im) -> np.ndarray:
+    """A PIL image as ``uint8 [H, W, 3]``; 16-bit greyscale is scaled by 255/65535 (PIL's own
+    conversion clips it at 255, turning most of the image white)."""
+    if im.mode in _SIXTEEN_BIT or (im.mode == "I" and np.asarray(im).max() > 255):
+        grey = np.asarray(im).astype(np.float64) * (255.0 / 65535.0)
+        return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def _read_image(path: Path, size: int, image_id, ann_file: Path) -> tuple[np.ndarray, int, int]:
+    """``(uint8 [size, size, 3], width, height)`` of the image at ``path``, decoded once."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} listed in {ann_file} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = image_rgb(im)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: corrupt, truncated, unknown format
+        raise ValueError(
+            f"image {path} (image id {image_id} in {ann_file}) cannot be decoded: {e}"
+        ) from None
+    h, w = rgb.shape[:2]
+    return np.asarray(Image.fromarray(rgb).resize((size, size))), w, h
+
+
+def _box_problem(bbox, w: float, h: float) -> str | None:
+    """Why ``bbox`` (pixel xywh) is not trained on as written, or None."""
+    x, y, bw, bh = bbox
+    if bw <= 0 or bh <= 0:
+        return f"bbox {bbox} has width or height <= 0: not trained on"
+    if x >= w or y >= h or x + bw <= 0 or y + bh <= 0:
+        return f"bbox {bbox} lies outside the {w}x{h} image: not trained on"
+    if x < -0.5 or y < -0.5 or x + bw > w + 0.5 or y + bh > h + 0.5:
+        return f"bbox {bbox} extends outside the {w}x{h} image: clipped to it"
+    return None
+
+
+def _warn(problems: list[str], ann_file: Path) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        warnings.warn(f"{ann_file}: {len(problems)} boxes:\n  {shown}{more}", stacklevel=3)
 
 
 def load_coco(ann_file: str | Path, image_dir: str | Path, image_size: int) -> DetectionData:
     """Read a COCO instances json and its image folder, resizing images to ``image_size``.
 
     Boxes stay normalised to the original size, so predictions map back exactly; crowd
-    annotations and boxes without area are ignored for training (kept for evaluation).
+    annotations are not trained on (kept for evaluation); a box with width or height <= 0 or
+    wholly outside its image is not trained on and one extending outside is clipped, with one
+    warning naming each such annotation and its image.
 
     Raises:
         FileNotFoundError: the annotation file or image folder (or an image) is missing.
-        ValueError: the annotation file is not valid json or misses COCO keys, naming the file.
+        ValueError: the annotation file is not valid json, misses COCO keys, has a malformed
+            bbox or an unknown image or category id, or an image cannot be decoded, naming the
+            file and the entry.
     """
-    from PIL import Image
-
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not ann_file.is_file():
         raise FileNotFoundError(
@@ -44,33 +101,48 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, image_size: int) -> D
     label_of = {c: i for i, c in enumerate(cat_ids)}
     per_image: dict[int, list] = {img["id"]: [] for img in coco["images"]}
     for a in coco["annotations"]:
-        if a["image_id"] not in per_image or a["category_id"] not in label_of:
+        if a["image_id"] not in per_image:
             raise ValueError(
-                f"annotation file {ann_file}: annotation {a.get('id')} refers to an "
-                f"unknown image_id {a['image_id']} or category_id "
-                f"{a['category_id']}"
+                f"annotation file {ann_file}: annotation id {a.get('id')} refers to image_id "
+                f"{a['image_id']}, which is not in 'images'"
             )
-        if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0:
-            per_image[a["image_id"]].append(a)
-    images, boxes, labels = [], [], []
+        if a["category_id"] not in label_of:
+            raise ValueError(
+                f"annotation file {ann_file}: annotation id {a.get('id')} refers to "
+                f"category_id {a['category_id']}, which is not in 'categories' {cat_ids}"
+            )
+        per_image[a["image_id"]].append(a)
+    images, boxes, labels, problems = [], [], [], []
     for info in coco["images"]:
         path = image_dir / info["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} listed in {ann_file} does not exist")
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB").resize((image_size, image_size))))
-        w, h = info.get("width") or im.width, info.get("height") or im.height
-        info.setdefault("width", w)
-        info.setdefault("height", h)
-        anns = per_image[info["id"]]
-        boxes.append(xywh_to_cxcywh([a["bbox"] for a in anns], w, h).clip(0, 1))
-        labels.append(np.array([label_of[a["category_id"]] for a in anns], np.int64))
+        img, w, h = _read_image(path, image_size, info["id"], ann_file)
+        images.append(img)
+        w, h = info.setdefault("width", w), info.setdefault("height", h)
+        kept = []
+        for a in per_image[info["id"]]:
+            why = None if a.get("iscrowd", 0) else _box_problem(a["bbox"], w, h)
+            if why:
+                problems.append(f"annotation id {a.get('id')} of image {path.name}: {why}")
+            if not a.get("iscrowd", 0) and (why is None or why.endswith("clipped to it")):
+                kept.append(a)
+        xyxy = np.array([a["bbox"] for a in kept], np.float64).reshape(-1, 4)
+        xyxy[:, 2:] += xyxy[:, :2]
+        xyxy = xyxy.clip(0, [w, h, w, h])
+        boxes.append(
+            xywh_to_cxcywh(np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1), w, h)
+        )
+        labels.append(np.array([label_of[a["category_id"]] for a in kept], np.int64))
+    _warn(problems, ann_file)
     for a in coco["annotations"]:
         a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
         a.setdefault("iscrowd", 0)
     return DetectionData(
         np.stack(images), boxes, labels, coco, [i["id"] for i in coco["images"]], cat_ids
     )
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_coco(coco, ann_file: Path) -> None:
@@ -98,8 +170,11 @@ def _check_coco(coco, ann_file: Path) -> None:
             missing = [f for f in fields if not isinstance(item, dict) or f not in item]
             if missing:
                 raise ValueError(f"annotation file {ann_file}: {key}[{i}] lacks {missing}")
-            if key == "annotations" and len(item["bbox"]) != 4:
+            bbox = item.get("bbox") if key == "annotations" else None
+            if key == "annotations" and not (
+                isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))
+            ):
                 raise ValueError(
-                    f"annotation file {ann_file}: annotations[{i}]['bbox'] must be "
-                    f"[x, y, w, h], got {item['bbox']}"
+                    f"annotation file {ann_file}: annotations[{i}]['bbox'] (annotation id "
+                    f"{item.get('id')}) must be [x, y, w, h] of 4 finite numbers, got {bbox!r}"
                 )

@@ -136,16 +136,17 @@ def method_report(runs: dict) -> str:
                   "| routes | AP (o2o, primary) | o2m route | AP (o2m w/ NMS) | gap (o2m - o2o) |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for name, p in paper.items():
-            lines.append(f"| {name} | {100 * p['o2o_AP']:.1f} | {p['o2m_route']} | "
-                         f"{100 * p['o2m_nms_AP']:.1f} | {100 * p['gap']:+.1f} |")  # fmt: skip
+            lines.append(f"| {name} | {p['o2o_AP']:.3f} | {p['o2m_route']} | "
+                         f"{p['o2m_nms_AP']:.3f} | {p['gap']:+.3f} |")  # fmt: skip
         iou = next(iter(paper.values()))["nms_iou"]
-        lines += ["", f"NMS: class-aware, IoU > {iou} suppressed (`mrdetr.nms`), top 100 after."]
+        lines += ["", f"NMS: class-aware, IoU > {iou} suppressed (`mrdetr.nms`), top 100 after. "
+                  "AP on COCO's 0-1 scale, as above."]  # fmt: skip
     masks = {k: v["masks"] for k, v in runs.items() if v.get("masks")}
     if masks:
         lines += ["", "## Instance segmentation (primary route, mask head shared by all routes)",
                   "", "| routes | mask AP | mask AP50 | box AP | box AP50 |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for name, m in masks.items():
-            lines.append(f"| {name} | {100 * m['mask_AP']:.1f} | {100 * m['mask_AP50']:.1f} | "
-                         f"{100 * m['box_AP']:.1f} | {100 * m['box_AP50']:.1f} |")  # fmt: skip
+            lines.append(f"| {name} | {m['mask_AP']:.3f} | {m['mask_AP50']:.3f} | "
+                         f"{m['box_AP']:.3f} | {m['box_AP50']:.3f} |")  # fmt: skip
     return "\n".join(lines) + ("\n" if lines else "")

@@ -2,8 +2,7 @@
 
 ``plot_convergence``: primary-route AP vs step and vs training seconds for every run;
 ``plot_attention``: Mr. DETR's instructive self-attention map (instruction tokens first);
-``plot_detections``: a few val images with each run's boxes; ``write_report``: one sentence on
-who won and by how much, then the table.
+``plot_detections``: a few val images with each run's boxes (the report: ``toy.report``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ __all__ = [
     "plot_attention",
     "plot_convergence",
     "plot_detections",
-    "write_report",
 ]
 
 
@@ -33,20 +31,35 @@ def _plt():
     return plt
 
 
-def plot_convergence(histories: dict[str, dict], path: str | Path) -> None:
-    """AP vs step (left) and vs training seconds (right) for ``{run name: history}``."""
+def plot_convergence(
+    histories: dict[str, dict], path: str | Path, step_cost: dict[str, float] | None = None,
+    device: str = "cpu",
+) -> None:  # fmt: skip
+    """AP vs step (left) and vs training seconds (right) for ``{run name: history}``.
+
+    ``step_cost`` (``{run name: seconds per step}``, measured interleaved in one process by
+    ``toy.cost``) puts every run on one clock: seconds = step x its cost. Without it each run's
+    own clock is plotted, and the axis says that it depends on the machine's load.
+    """
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, h in histories.items():
         steps = [e["step"] for e in h["evals"]]
-        secs = [e["seconds"] for e in h["evals"]]
+        if step_cost is not None:
+            secs = [s * step_cost[name] for s in steps]
+        else:
+            secs = [e["seconds"] for e in h["evals"]]
         ap = [e["AP"] for e in h["evals"]]
         axes[0].plot(steps, ap, "o-", label=name)
         axes[1].plot(secs, ap, "o-", label=name)
     axes[0].set_xlabel("training step")
-    axes[1].set_xlabel("training seconds (evaluation excluded)")
+    if step_cost is not None:
+        clock = f"training seconds = steps x step cost\n(interleaved, one process, {device})"
+    else:
+        clock = "training seconds, each run's own clock\n(depends on the machine's load)"
+    axes[1].set_xlabel(clock)
     for ax in axes:
-        ax.set_ylabel("primary-route COCO AP (val)")
+        ax.set_ylabel("primary-route COCO AP (val, 0-1)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -75,7 +88,7 @@ def instruction_attention(model, images: torch.Tensor, layer: int = -1) -> torch
     model.eval()
     model.decoder.train()  # every route runs; dropout is 0 in the toy model
     try:
-        model(images[:1])
+        model(images[:1].to(next(model.parameters()).device))
     finally:
         handle.remove()
         model.train(was)
@@ -99,7 +112,7 @@ def plot_attention(model, data: DetectionData, path: str | Path) -> bool:
     n = next(r.num_instruction_tokens for r in model.route_set if r.num_instruction_tokens)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    im = ax.imshow(attn.sqrt().numpy(), cmap="viridis")
+    im = ax.imshow(attn.sqrt().float().cpu().numpy(), cmap="viridis")
     ax.axhline(n - 0.5, color="w", lw=0.8)
     ax.axvline(n - 0.5, color="w", lw=0.8)
     ax.set_title(
@@ -132,12 +145,12 @@ def plot_detections(
         len(models), len(idx), figsize=(2.6 * len(idx), 2.8 * len(models)), squeeze=False
     )
     for row, (name, model) in enumerate(models.items()):
-        preds = predict(model, images)
+        preds = predict(model, images.to(next(model.parameters()).device))
         for col, i in enumerate(idx):
             ax = axes[row, col]
             s = data.images[i].shape[0]
             ax.imshow(data.images[i])
-            scores, labels, boxes = preds[col]
+            scores, labels, boxes = (t.cpu() for t in preds[col])
             keep = min(threshold, float(scores[min(2, len(scores) - 1)]))  # at least 3 boxes
             for sc, lab, b in zip(
                 scores.tolist(), labels.tolist(), (boxes * s).tolist(), strict=True
@@ -162,51 +175,3 @@ def plot_detections(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def verdict(results: dict) -> str:
-    """One sentence: which run has the higher primary-route AP and by how much."""
-    if "baseline" not in results or len(results) < 2:
-        name, r = next(iter(results.items()))
-        return f"{name} reached AP {r['AP']:.3f} (no comparison run)."
-    base = results["baseline"]
-    others = {k: v for k, v in results.items() if k != "baseline"}
-    name, best = max(others.items(), key=lambda kv: kv[1]["AP"])
-    diff = best["AP"] - base["AP"]
-    steps = best["steps"]
-    if abs(diff) < 0.0005:
-        return f"{name} and the baseline tied at AP {base['AP']:.3f} after {steps} steps."
-    winner, loser = (name, "the baseline") if diff > 0 else ("The baseline", name)
-    w, l = (best, base) if diff > 0 else (base, best)
-    return (
-        f"{winner} won: primary-route AP {w['AP']:.3f} vs {l['AP']:.3f} for {loser} "
-        f"({abs(diff):+.3f} AP, {abs(diff) / max(l['AP'], 1e-9):.0%} relative) after {steps} "
-        "equal steps on the same data."
-    )
-
-
-def write_report(results: dict, path: str | Path) -> str:
-    """Markdown report: the verdict, a table and the seconds per step; returns the verdict."""
-    sentence = verdict(results)
-    lines = [
-        "# Toy detection: baseline vs Mr. DETR",
-        "",
-        sentence,
-        "",
-        "| run | AP | AP50 | AP75 | APs | APm | APl | steps | s/step |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-        cells = " | ".join("n/a" if r[k] is None else f"{r[k]:.3f}" for k in keys)
-        lines.append(f"| {name} | {cells} | {r['steps']} | {r['seconds_per_step']:.3f} |")
-    lines += [
-        "",
-        "Primary route only, pycocotools bbox AP on the val split. Figures: "
-        "`convergence.png`, `attention.png`, `detections.png`. n/a: no val box in that COCO "
-        "area range. One seed: at the default settings the seed-to-seed spread of AP is about "
-        "0.015 (docs/benchmarks.md), so smaller differences are noise.",
-        "",
-    ]
-    Path(path).write_text("\n".join(lines))
-    return sentence

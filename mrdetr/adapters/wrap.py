@@ -10,9 +10,8 @@ modules or on the (shared) integration.
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +19,9 @@ from torch import nn
 from .. import routes as routes_lib
 from ..routes import Route
 from ..routing import RoutePlan
+from . import route_store
+from .detector_loss import DetectorLoss, check_route_weights
+from .hf.base import is_hf
 from .integration import Integration, RouteOutputs, registered_integrations
 from .spec import DecoderSpec, SpecIntegration
 
@@ -48,30 +50,45 @@ class _TrainForward:
             if self.previous is not None:
                 return self.previous(*args, **kwargs)
             return type(d).forward(d, *args, **kwargs)
-        return _packed_pass(self, args, kwargs)
+        _refuse_checkpointing(d)
+        return _eager()(self, args, kwargs)
 
 
-@torch.compiler.disable
 def _packed_pass(wrapper: _TrainForward, args, kwargs):
-    """The training pass, run eagerly under ``torch.compile`` (it swaps module forwards for its
-    duration, which a compiled graph cannot replay); ``eval()`` compiles as usual."""
     decoder = wrapper.decoder
     state = decoder.mrdetr_routes
     primary, outputs = state.integration.train_forward(
         decoder, state, wrapper.original(), args, kwargs
     )
-    _STORE.outputs[decoder] = outputs
+    route_store.put(decoder, outputs)
     return primary
 
 
-class _PassStore(threading.local):
-    """Per thread: wrapped decoder -> :class:`RouteOutputs` of its last training call."""
+@functools.cache
+def _eager():
+    """The training pass, run eagerly under ``torch.compile`` (it swaps module forwards for its
+    duration, which a compiled graph cannot replay); ``eval()`` compiles as usual. Made on first
+    use: ``torch.compiler.disable`` imports ``torch._dynamo``, which ``import mrdetr`` avoids."""
+    return torch.compiler.disable(_packed_pass)
 
-    def __init__(self) -> None:
-        self.outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+def _checkpointing(module: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
 
 
-_STORE = _PassStore()
+_CHECKPOINTING = (
+    "gradient checkpointing is not supported on a decoder wrapped by mrdetr: a checkpointed "
+    "layer would recompute the primary route alone in backward (the packed routes swap the "
+    "layers' modules for the forward only), giving wrong gradients or a CheckpointError. "
+)
+
+
+def _refuse_checkpointing(decoder: nn.Module) -> None:
+    if _checkpointing(decoder):
+        raise RuntimeError(
+            _CHECKPOINTING + "Call model.gradient_checkpointing_disable() before training the "
+            "wrapped model (checkpointing the backbone or encoder yourself is fine)"
+        )
 
 
 def _decoders(model: nn.Module) -> list[nn.Module]:
@@ -105,6 +122,7 @@ def wrap(
     routes: Sequence[Route] | None = None,
     *,
     spec: DecoderSpec | None = None,
+    route_weights: Mapping[str, float] | None = None,
 ) -> nn.Module:
     """Add Mr. DETR's auxiliary training routes to ``model``'s decoder, in place.
 
@@ -113,17 +131,27 @@ def wrap(
             ``mrdetr.adapters.registered_integrations()``), or any module with ``spec``.
         routes: the route set, primary first; None means ``routes.mr_detr()``.
         spec: where the decoder's sub-modules are, for a decoder no integration recognises.
+        route_weights: weight of each auxiliary route's loss when a whole HF detector is called
+            in ``train()`` with ``labels`` (default 1.0 each, as in the paper; 0 leaves the route
+            out of the loss: with every weight 0 the loss is the unwrapped model's). Only for
+            HF detectors; other models train the routes with ``MultiRouteCriterion``.
 
     Returns:
         ``model`` itself. In ``train()`` its decoder runs every route packed and returns the
         primary route's outputs where it returned them (the other routes':
         :func:`route_outputs`); in ``eval()`` it runs the original code only. The parameters the
         routes add (owned FFN / self-attention copies initialised from the primary's, norms,
-        instruction tokens ~ N(0, 1)) are in ``model.parameters()``.
+        instruction tokens ~ N(0, 1)) are in ``model.parameters()``. A wrapped HF detector
+        called in ``train()`` with ``labels`` returns ``loss`` / ``loss_dict`` with every
+        auxiliary route's loss added, computed by the family's own loss function with
+        mrdetr's one-to-many matcher (:mod:`mrdetr.adapters.detector_loss`).
 
     Raises:
-        TypeError: no decoder recognised (the message shows the spec to pass).
-        ValueError: a route set this family cannot run, or the decoder is already wrapped.
+        TypeError: no decoder recognised (the message shows the spec to pass); ``routes`` not a
+            sequence of :class:`~mrdetr.routes.Route`.
+        ValueError: a route set this family cannot run, the decoder is already wrapped, bad
+            ``route_weights``, or gradient checkpointing is on (not supported; see
+            ``docs/integrations.md``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -134,10 +162,31 @@ def wrap(
     ):
         raise ValueError("model: its decoder is already wrapped; unwrap(model) first")
     integration.check_routes(decoder, plan)
-    state = integration.attach(decoder, plan)
+    detector = _detector(model, integration)
+    weights = check_route_weights(route_weights, plan.routes)
+    if route_weights is not None and detector is None:
+        raise ValueError(
+            f"route_weights: only a whole HF detector computes the routes' losses in its forward; "
+            f"{type(model).__name__} is not one (train the routes with MultiRouteCriterion, "
+            "which takes route_weights)"
+        )
+    if _checkpointing(decoder):
+        raise ValueError(_CHECKPOINTING + "Call model.gradient_checkpointing_disable() first")
+    with torch.inference_mode(False):  # parameters made under inference_mode would be unusable
+        state = integration.attach(decoder, plan)
     decoder.mrdetr_routes = state
     decoder.forward = _TrainForward(decoder, decoder.__dict__.get("forward"))
+    if detector is not None:
+        previous = detector.__dict__.get("forward")
+        detector.forward = DetectorLoss(detector, decoder, previous, weights)
     return model
+
+
+def _detector(model: nn.Module, integration: Integration) -> nn.Module | None:
+    """The HF detector (``integration.detector_class``) that is or holds the decoder, or None."""
+    name = getattr(integration, "detector_class", "")
+    found = [m for m in model.modules() if name and is_hf(m, name)]
+    return found[0] if len(found) == 1 else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -152,6 +201,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     decoders = _decoders(model)
     if not decoders:
         raise ValueError(f"model: no wrapped decoder in {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), DetectorLoss):
+            loss_fwd = m.__dict__.pop("forward")
+            if loss_fwd.previous is not None:
+                m.forward = loss_fwd.previous
     for decoder in decoders:
         fwd = decoder.__dict__.pop("forward")
         if fwd.previous is not None:
@@ -159,7 +213,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         state = decoder.mrdetr_routes
         del decoder.mrdetr_routes
         state.integration.detach(decoder, state)
-        _STORE.outputs.pop(decoder, None)
+        route_store.drop(decoder)
     return model
 
 
@@ -177,7 +231,7 @@ def route_outputs(model: nn.Module) -> RouteOutputs:
     decoders = _decoders(model)
     if len(decoders) != 1:
         raise ValueError(f"model: expected one wrapped decoder, found {len(decoders)}")
-    out = _STORE.outputs.pop(decoders[0], None)
+    out = route_store.take(decoders[0])
     if out is None:
         raise ValueError(
             "route_outputs: no training pass since the last call (in eval() only the primary "
