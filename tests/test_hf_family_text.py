@@ -142,9 +142,10 @@ def test_every_route_equals_its_own_pass_on_the_same_text(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_host_loss_reproduces_transformers_and_trains_every_route(family):
     model = tiny_model(family)
+    plain = copy.deepcopy(model)
     adapters.wrap(model, ROUTES)
     batch = tiny_batch(model)
-    out = model(**batch)
+    out, want = model(**batch), plain(**batch)
     preds = adapters.hf_route_predictions(model, adapters.route_outputs(model), out)
     # the family table calls transformers' own loss exactly as the detector does
     from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher
@@ -154,8 +155,8 @@ def test_host_loss_reproduces_transformers_and_trains_every_route(family):
         class_cost=c.class_cost, bbox_cost=c.bbox_cost, giou_cost=c.giou_cost
     )
     loss, terms = host_route_loss(model, preds["primary"], batch["labels"], hungarian)
-    torch.testing.assert_close(loss, out.loss)
-    assert terms.keys() == out.loss_dict.keys()
+    torch.testing.assert_close(loss, want.loss)
+    assert terms.keys() == want.loss_dict.keys()
     # auxiliary routes: one-to-many over the phrases, every added parameter reached
     aux = {name: p for name, p in preds.items() if name != "primary"}
     aux_loss, aux_terms = host_auxiliary_loss(model, aux, batch["labels"])
@@ -163,6 +164,9 @@ def test_host_loss_reproduces_transformers_and_trains_every_route(family):
         assert f"{name}/loss_ce" in aux_terms and f"{name}/loss_giou_0" in aux_terms
         assert not any(k.startswith(name) and k.endswith("_enc") for k in aux_terms)
     assert torch.isfinite(aux_loss)
+    # the wrapped detector's own loss adds exactly these terms (default weights 1)
+    assert out.loss_dict.keys() == want.loss_dict.keys() | aux_terms.keys()
+    torch.testing.assert_close(out.loss, want.loss + aux_loss)
     aux_loss.backward()
     for name, p in model.model.decoder.mrdetr_routes.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name

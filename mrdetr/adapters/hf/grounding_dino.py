@@ -156,9 +156,14 @@ class HFGroundingDinoIntegration(HFDeformableDetrIntegration):
     def loss_inputs(self, model, outputs, model_output, predictions):
         """``label_maps`` (from the output's ``input_ids``) and ``text_mask`` (the prompt tokens
         over ``[B, Q, max_text_len]``), built by transformers' own helpers."""
+        if model_output is None:
+            return {}  # predictions only: the loss inputs need the output's input_ids
         input_ids = getattr(model_output, "input_ids", None)
-        if input_ids is None:
-            return {}
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                f"model_output: the {self.detector_class} loss of the routes needs its "
+                f"input_ids (a ModelOutput: return_dict=True), got {type(model_output).__name__}"
+            )
         modeling = sys.modules[type(model).__module__]
         logits = next(iter(predictions.values()))["pred_logits"]
         mask = outputs.context["text_token_mask"].long()
