@@ -16,6 +16,7 @@ from .hf import (
     HFDecoderIntegration,
     HFDeformableDetrIntegration,
     HFGroundingDinoIntegration,
+    HFOmDetTurboIntegration,
     HFRTDetrIntegration,
     hf_route_predictions,
 )
@@ -42,6 +43,7 @@ register_integration(HFRTDetrIntegration())
 register_integration(DeformableDetrIntegration())
 register_integration(HFGroundingDinoIntegration("GroundingDino"))
 register_integration(HFGroundingDinoIntegration("MMGroundingDino"))
+register_integration(HFOmDetTurboIntegration())
 
 __all__ = [
     "DecoderSpec",
@@ -71,4 +73,5 @@ __all__ = [
     "use_fast_deformable_attention",
     "wrap",
     "HFGroundingDinoIntegration",
+    "HFOmDetTurboIntegration",
 ]

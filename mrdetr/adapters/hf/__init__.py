@@ -4,6 +4,7 @@ short file per family saying only what differs (``deformable_detr.py``, ``rt_det
 from .base import HFDecoderIntegration, HFSelfAttentionCall, stack_routes
 from .deformable_detr import HFDeformableDetrIntegration
 from .grounding_dino import HFGroundingDinoIntegration
+from .omdet_turbo import HFOmDetTurboIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
 
@@ -15,4 +16,5 @@ __all__ = [
     "hf_route_predictions",
     "stack_routes",
     "HFGroundingDinoIntegration",
+    "HFOmDetTurboIntegration",
 ]
