@@ -13,7 +13,6 @@ import inspect
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("transformers")
 
@@ -25,6 +24,7 @@ from _hf_family_checks import (  # noqa: E402
     check_train_primary,
 )
 from _hf_oracle import randomise  # noqa: E402
+from _hf_text_oracle import InstructQKVAttention  # noqa: E402
 
 from mrdetr import adapters  # noqa: E402
 from mrdetr.adapters.host_loss import host_auxiliary_loss, host_route_loss  # noqa: E402
@@ -69,30 +69,6 @@ def test_round_trip(family, tmp_path):
     check_round_trip(family, tmp_path)
 
 
-class _InstructTextAttention(nn.Module):
-    """Grounding DINO self-attention with instruction tokens in front of keys and values,
-    written out with matmul + softmax through the host's query/key/value/out_proj."""
-
-    def __init__(self, host, tokens, tokens_pos) -> None:
-        super().__init__()
-        self.host = host
-        self.tokens, self.tokens_pos = tokens.detach().clone(), tokens_pos.detach().clone()
-
-    def forward(self, queries, keys, values, attention_mask=None, output_attentions=False):
-        h, (b, q, c), n = self.host, queries.shape, self.tokens.shape[0]
-        heads = h.num_attention_heads
-        keys = torch.cat([(self.tokens + self.tokens_pos).expand(b, n, c), keys], 1)
-        values = torch.cat([self.tokens.expand(b, n, c), values], 1)
-
-        def split(x):
-            return x.view(b, x.shape[1], heads, c // heads).transpose(1, 2)
-
-        logits = split(h.query(queries)) @ split(h.key(keys)).transpose(-1, -2)
-        probs = (logits * (c // heads) ** -0.5).softmax(-1)
-        out = (probs @ split(h.value(values))).transpose(1, 2).reshape(b, q, c)
-        return h.out_proj(out), probs
-
-
 def _route_copy(wrapped, index: int):
     """A plain copy of ``wrapped`` running route ``index`` alone."""
     model = copy.deepcopy(wrapped)
@@ -109,7 +85,7 @@ def _route_copy(wrapped, index: int):
         if hasattr(own, "ffn"):
             layer.fc1, layer.fc2 = own.ffn
         if hasattr(own, "tokens"):
-            layer.self_attn = _InstructTextAttention(layer.self_attn, own.tokens, own.tokens_pos)
+            layer.self_attn = InstructQKVAttention(layer.self_attn, own.tokens, own.tokens_pos)
     return model
 
 
