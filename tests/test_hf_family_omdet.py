@@ -143,9 +143,7 @@ def test_every_route_equals_its_own_pass_with_its_own_task_tokens():
             got_classes = outs.outputs[route.name].decoder_classes[-1]
         torch.testing.assert_close(got_boxes, want.decoder_coord_logits, atol=2e-5, rtol=1e-4)
         if got_classes is not None:
-            torch.testing.assert_close(
-                got_classes, want.decoder_class_logits, atol=2e-4, rtol=1e-4
-            )
+            torch.testing.assert_close(got_classes, want.decoder_class_logits, atol=2e-4, rtol=1e-4)
 
 
 def test_round_trip(tmp_path):

@@ -100,8 +100,9 @@ class _TaskNorm:
     def __call__(self, x: Tensor) -> Tensor:
         layout = self.rp.layout
         parts = _per_route(x, layout)
+        owned = self.state.aux[self.layer]
         for g in self.state.plan.packs("self_attn_norm", layout.num_routes):
-            fn = self.orig if g.owner is None else self.state.aux[self.layer][g.owner].self_attn_norm
+            fn = self.orig if g.owner is None else owned[g.owner].self_attn_norm
             for i in g.routes:
                 parts[i] = fn(parts[i])
         return _join(parts, layout.num_queries)
