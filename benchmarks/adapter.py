@@ -3,7 +3,8 @@
 A random-init ``DeformableDetrForObjectDetection`` (6 encoder + 6 decoder layers, d256, 8 heads,
 FFN 1024, 300 queries, 4 levels, box refinement + two-stage; transformers' ResNet-50 backbone, or
 with ``--backbone small`` a basic-block ResNet of widths 32-128), batch 2 of 320x320 images
-(``--image-size``), CPU.
+(``--image-size``) on the CPU; with ``--device cuda`` batch 4 of 800x800 (the configuration of
+the first GPU measurement), optionally under ``--amp bf16|fp16`` autocast.
 One training step = forward, per-route predictions from the model's heads,
 ``MultiRouteCriterion`` (Hungarian for the primary route, one-to-many for the auxiliary ones),
 backward. Configurations, timed interleaved in one run:
@@ -33,10 +34,16 @@ machine and is the steadier figure. The floor line is ``1 + (routes' extra decod
 (unwrapped step)``: no packing can bring the adapter's ratio below it, since every route runs
 every decoder layer on its queries.
 
+Each row also prints what one step costs besides its time (``benchmarks/_step_counts.py``):
+ATen operations (kernel launches on a GPU) and host reads (device-to-host synchronisations on a
+GPU), counted the same on any machine, and on CUDA the GPU's own busy time from
+``torch.profiler``.
+
 Usage::
 
-    python benchmarks/adapter.py [--reps 5] [--warmup 3] [--threads 2] [--backbone resnet50|small]
-        [--image-size 320] [--tuned-malloc] [--configs adapter,reference,...]
+    python benchmarks/adapter.py [--device cpu|cuda] [--amp none|bf16|fp16] [--batch N]
+        [--image-size S] [--reps 5] [--warmup 3] [--threads 2] [--backbone resnet50|small]
+        [--tuned-malloc] [--configs adapter,reference,...] [--counts-only]
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import sys
 import time
 
 import torch
+from _step_counts import count_step, gpu_busy_ms, sync
 from torch import nn
 
 from mrdetr import MultiRouteCriterion, RouteMatcher, adapters, routes
@@ -171,11 +179,12 @@ def _decoder_inputs(model, pixels) -> dict:
     }
 
 
-def _decoder_seconds(model, inputs: dict, warmup: int, reps: int) -> float:
+def _decoder_seconds(model, inputs: dict, warmup: int, reps: int, device: str = "cpu") -> float:
     """Median seconds of ``model``'s decoder alone, forward + backward of every route's hidden
     states and references (one route unwrapped, all routes packed when wrapped)."""
     times = []
     for rep in range(warmup + reps):
+        sync(device)
         t = time.perf_counter()
         out = model.model.decoder(**inputs)
         loss = out.intermediate_hidden_states.sum() + out.intermediate_reference_points.sum()
@@ -183,6 +192,7 @@ def _decoder_seconds(model, inputs: dict, warmup: int, reps: int) -> float:
             routes_out = adapters.route_outputs(model)
             loss = loss + routes_out.hidden_states.sum() + routes_out.reference_points.sum()
         loss.backward()
+        sync(device)
         if rep >= warmup:
             times.append(time.perf_counter() - t)
     model.zero_grad(set_to_none=True)
@@ -194,7 +204,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=320)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--batch", type=int, default=None, help="default 2 (CPU), 4 (CUDA)")
+    parser.add_argument("--image-size", type=int, default=None, help="default 320 / 800 (CUDA)")
+    parser.add_argument(
+        "--counts-only", action="store_true", help="ATen operations and host reads only, no timing"
+    )
     parser.add_argument("--backbone", choices=("resnet50", "small"), default="resnet50")
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="glibc keeps freed large blocks (docstring)"
@@ -212,13 +228,20 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     tuned = all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items())
     torch.set_num_threads(args.threads)
-    size = args.image_size
-    pixels, targets = random_detection_batch(batch=2, image_size=size, num_labels=CLASSES)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    cuda = dev == "cuda"
+    size = args.image_size or (800 if cuda else 320)
+    batch = args.batch or (4 if cuda else 2)
+    pixels, targets = random_detection_batch(batch=batch, image_size=size, num_labels=CLASSES)
+    pixels, targets = pixels.to(dev), [{k: v.to(dev) for k, v in t.items()} for t in targets]
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
-    plain = build(args.backbone)
-    fast = adapters.use_fast_deformable_attention(copy.deepcopy(plain), backend="cpu")
+    plain = build(args.backbone).to(dev)
+    fast = adapters.use_fast_deformable_attention(copy.deepcopy(plain), backend=dev)
     wrapped = adapters.wrap(copy.deepcopy(plain), ROUTES)
-    wrapped_fast = adapters.use_fast_deformable_attention(copy.deepcopy(wrapped), backend="cpu")
+    wrapped_fast = adapters.use_fast_deformable_attention(copy.deepcopy(wrapped), backend=dev)
     ref_model = copy.deepcopy(wrapped)
     aux = [dict(a.items()) for a in ref_model.model.decoder.mrdetr_routes.aux]
     adapters.unwrap(ref_model)
@@ -240,11 +263,34 @@ def main() -> None:
     def step(name):
         model, run = configs[name]
         model.zero_grad(set_to_none=True)
+        sync(dev)
         t = time.perf_counter()
-        out, outs = run(model, pixels)
-        preds = adapters.hf_route_predictions(model, outs, out)
-        criterion(preds, targets)["loss"].backward()
+        with torch.autocast(dev, amp_dtype, enabled=amp_dtype is not None):
+            out, outs = run(model, pixels)
+            preds = adapters.hf_route_predictions(model, outs, out)
+            loss = criterion(preds, targets)["loss"]
+        loss.backward()
+        sync(dev)
         return time.perf_counter() - t
+
+    step("unwrapped")  # first calls build kernels and caches outside the counts
+    for name in configs:
+        step(name)
+    counts = {name: count_step(lambda n=name: step(n)) for name in configs}
+    busy = {name: gpu_busy_ms(lambda n=name: step(n)) for name in configs} if cuda else {}
+    ops0, reads0 = counts["unwrapped"]
+    print(f"one train step, batch {batch}, {size}x{size}, {dev}, amp {args.amp}: ATen operations "
+          "(kernel launches on a GPU) and host reads (synchronisations on a GPU)")  # fmt: skip
+    for name, (ops, reads) in counts.items():
+        gpu = (
+            f"   GPU busy {busy[name]:7.1f} ms (x{busy[name] / busy['unwrapped']:.2f})"
+            if busy
+            else ""
+        )
+        print(f"  {name:18s} ops {ops:6d} (x{ops / ops0:.3f})   host reads {reads:4d} "
+              f"({reads - reads0:+d}){gpu}")  # fmt: skip
+    if args.counts_only:
+        return
 
     with torch.no_grad():  # the reference way computes what the adapter computes
         got = adapter_outputs(wrapped, pixels)[1].hidden_states
@@ -252,8 +298,8 @@ def main() -> None:
     agree = torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     print(f"  adapter routes == reference-way routes (fp32 tolerance): {agree}", flush=True)
     inputs = _decoder_inputs(plain, pixels)
-    decoder_one = _decoder_seconds(plain, inputs, args.warmup, args.reps)
-    decoder_all = _decoder_seconds(wrapped, inputs, args.warmup, args.reps)
+    decoder_one = _decoder_seconds(plain, inputs, args.warmup, args.reps, dev)
+    decoder_all = _decoder_seconds(wrapped, inputs, args.warmup, args.reps, dev)
     times = {name: [] for name in configs}
     for rep in range(args.warmup + args.reps):
         for name in configs:
@@ -263,9 +309,9 @@ def main() -> None:
                 times[name].append(dt)
     base = statistics.median(times["unwrapped"])
     malloc = "tuned" if tuned else "defaults"
+    where = f"CUDA amp {args.amp}" if cuda else f"CPU {args.threads} threads, glibc malloc {malloc}"
     print(f"HF Deformable-DETR ({args.backbone} backbone) 6+6 layers d256, 300 queries, "
-          f"batch 2, {size}x{size}, CPU "
-          f"{args.threads} threads, glibc malloc {malloc}; train step (forward + criterion + "
+          f"batch {batch}, {size}x{size}, {where}; train step (forward + criterion + "
           f"backward), median of {args.reps} after {args.warmup} warm-up")  # fmt: skip
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -41,6 +41,9 @@ def route_predictions(
             :class:`~mrdetr.layers.MultiRouteDecoderOutput`: ``hidden_states
             (Tensor[N, R, B, Q, C])``, and optionally ``reference_points
             (Tensor[N, R, B, Q, 2 or 4])`` and ``boxes (Tensor[N, R, B, Q, 4])``.
+            ``RouteOutputs.hidden_states`` already passed the decoder's final norm (DETR's
+            ``decoder.norm``; :attr:`DecoderSpec.final_norm`), as the host's heads see them,
+            so the primary route's predictions equal the model's own.
         class_heads: ``Tensor[..., C] -> Tensor[..., K]``, one shared or one per layer; called
             once per layer on every route at once (``Tensor[R, B, Q, C]``).
         box_heads: ``Tensor[..., C] -> Tensor[..., 4]``, one shared or one per layer (called like

@@ -2,16 +2,19 @@
 
 A spec names, relative to the decoder, where its layers are, and in each layer the
 self-attention (called like ``nn.MultiheadAttention``), the norm after it and the FFN (one
-module or its linears); and which ``forward`` arguments carry queries. For example the
-original DETR decoder (sequence-first, ``forward(tgt, memory, ..., pos, query_pos)``, returning
-every layer stacked ``[N, Q, B, C]``)::
+module or its linears); the decoder's final norm; and which ``forward`` arguments carry
+queries. For example the original DETR decoder (sequence-first, ``forward(tgt, memory, ...,
+pos, query_pos)``, returning every layer stacked ``[N, Q, B, C]`` after its ``norm``)::
 
     spec = DecoderSpec(
         decoder="transformer.decoder", layers="layers", self_attn="self_attn",
-        self_attn_norm="norm1", ffn=("linear1", "linear2"),
+        self_attn_norm="norm1", ffn=("linear1", "linear2"), final_norm="norm",
         query_inputs={"tgt": 0, "query_pos": 0}, batch_first=False, output_query_dim=1,
     )
     wrap(model, spec=spec)
+
+Every field is checked when :func:`~mrdetr.adapters.wrap` runs and on every training call
+(:mod:`mrdetr.adapters.spec_checks`): a mistake raises ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..routing import RouteLayout, split, tile
 from .integration import QueryTilingIntegration, RoutePass
 from .packing import MHACall
 from .route_modules import LayerModules
+from .spec_checks import check_output, check_query_inputs, check_spec
 
 __all__ = ["DecoderSpec", "SpecIntegration", "resolve"]
 
@@ -43,9 +47,17 @@ class DecoderSpec:
         decoder: path from the model given to :func:`~mrdetr.adapters.wrap` to the decoder
             (``""``: the model is the decoder).
         query_inputs: ``forward`` argument name -> its query axis, for every argument holding
-            one entry per query (queries, query positions, query masks); tiled per route.
+            one entry per query (queries, query positions, query masks); tiled per route. The
+            first entry is the queries themselves (its axis is the layers' query axis).
         batch_first: the layers' hidden states are ``[B, Q, C]`` (else ``[Q, B, C]``).
         output_query_dim: query axis of the tensors the decoder returns (None: like the layers').
+        final_norm: path from the decoder to the norm its outputs pass before the heads,
+            applied to every layer's output in :class:`~mrdetr.adapters.RouteOutputs`
+            ``.hidden_states`` (DETR's ``return_intermediate`` normalises every layer's output
+            with it), so ``route_predictions`` of the primary route equal the model's own.
+            ``"auto"`` (default): the decoder's ``norm`` attribute when it is a module (DETR,
+            Conditional / DAB-DETR, ``nn.TransformerDecoder``), else none; ``None``: no final
+            norm (the hidden states as the layers return them).
         ffn_norm: deprecated and unused (the FFN's norm is always shared by the routes);
             passing it warns with ``DeprecationWarning``.
     """
@@ -59,6 +71,7 @@ class DecoderSpec:
     query_inputs: Mapping[str, int] = field(default_factory=lambda: {"tgt": 1})
     batch_first: bool = True
     output_query_dim: int | None = None
+    final_norm: str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.ffn_norm is not None:
@@ -126,6 +139,26 @@ class SpecIntegration(QueryTilingIntegration):
             for layer in layers
         ]
 
+    def final_norm(self, decoder: nn.Module) -> nn.Module | None:
+        """The module ``spec.final_norm`` names (``"auto"``: ``decoder.norm`` if a module)."""
+        path = self.spec_for(decoder).final_norm
+        if path == "auto":
+            norm = getattr(decoder, "norm", None)
+            return norm if isinstance(norm, nn.Module) else None
+        return None if path is None else resolve(decoder, path, "final_norm")
+
+    def check_routes(self, decoder: nn.Module, plan) -> None:
+        """The routes, as :meth:`Integration.check_routes`, then the spec's dry run on
+        ``decoder`` (:func:`~mrdetr.adapters.spec_checks.check_spec`): ``ValueError`` naming
+        the first wrong field."""
+        super().check_routes(decoder, plan)
+        spec = self.spec_for(decoder)
+        check_spec(spec, decoder, self.layer_modules(decoder), self.final_norm(decoder))
+
+    def layer_hidden(self, decoder: nn.Module, layer_output) -> Tensor:
+        norm = self.final_norm(decoder)
+        return layer_output if norm is None else norm(layer_output)
+
     def attention_call(self, host: LayerModules) -> MHACall:
         return MHACall(self.spec.batch_first)
 
@@ -138,11 +171,9 @@ class SpecIntegration(QueryTilingIntegration):
 
     def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
         bound = self._bind(decoder, args, kwargs)
-        dims = self.spec_for(decoder).query_inputs
-        first = next(iter(dims))
-        if bound.arguments.get(first) is None:
-            raise ValueError(f"spec.query_inputs: forward argument {first!r} was not given")
-        q = bound.arguments[first].shape[dims[first]]
+        spec = self.spec_for(decoder)
+        dims = spec.query_inputs
+        q = check_query_inputs(spec, bound.arguments)
         layout = RouteLayout(num_routes, q, 0, self.query_dim(decoder))
         for name, dim in dims.items():
             if bound.arguments.get(name) is not None:
@@ -153,6 +184,9 @@ class SpecIntegration(QueryTilingIntegration):
         layout = route_pass.layout
         dim = self.spec_for(decoder).output_query_dim
         dim = layout.query_dim if dim is None else dim
+        tensors: list[Tensor] = []
+        _map_tensors(output, tensors.append)
+        check_output(self.spec_for(decoder), tensors, dim, layout.length)
         fits = lambda t: t.dim() > dim and t.shape[dim] == layout.length  # noqa: E731
         primary = _map_tensors(output, lambda t: split(t, layout, dim)[0] if fits(t) else t)
         aux = {

@@ -10,7 +10,8 @@ final ``norm`` are shared. Both ``batch_first`` layouts are supported; inputs mu
 Tiled per route: ``tgt`` (and ``tgt_key_padding_mask``, ``memory_mask``); ``tgt_mask`` is the
 mask of one route's queries and applies to each route. The primary route's output is returned
 where the decoder returned it; :class:`~mrdetr.adapters.RouteOutputs` holds every route's
-per-layer outputs with the decoder's ``norm`` applied (DETR's intermediate outputs).
+per-layer outputs with the decoder's ``norm`` applied (DETR's intermediate outputs; the spec's
+``final_norm="auto"``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..routing import tile
 from .packing import MHACall
-from .spec import DecoderSpec, SpecIntegration, resolve
+from .spec import DecoderSpec, SpecIntegration
 
 __all__ = ["TorchDecoderIntegration"]
 
@@ -79,7 +80,3 @@ class TorchDecoderIntegration(SpecIntegration):
             bound.arguments["memory_mask"] = tile(mask, rp.layout, mask.dim() - 2)
         rp.args, rp.kwargs = bound.args[1:], bound.kwargs
         return rp
-
-    def layer_hidden(self, decoder, layer_output):
-        norm = resolve(decoder, "norm", "norm")
-        return layer_output if norm is None else norm(layer_output)

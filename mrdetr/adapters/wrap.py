@@ -29,7 +29,7 @@ __all__ = ["wrap", "unwrap", "route_outputs", "is_wrapped"]
 
 _EXAMPLE = (
     'DecoderSpec(decoder="transformer.decoder", layers="layers", self_attn="self_attn", '
-    'self_attn_norm="norm1", ffn=("linear1", "linear2"), ffn_norm="norm3", '
+    'self_attn_norm="norm1", ffn=("linear1", "linear2"), '
     'query_inputs={"tgt": 1})'
 )
 
