@@ -18,7 +18,9 @@ from .hf import (
     HFDabDetrIntegration,
     HFDecoderIntegration,
     HFDeformableDetrIntegration,
+    HFGroundingDinoIntegration,
     HFLwDetrIntegration,
+    HFOmDetTurboIntegration,
     HFRfDetrIntegration,
     HFRTDetrIntegration,
     hf_route_predictions,
@@ -56,6 +58,9 @@ register_integration(hf.HFDFineIntegration())
 register_integration(hf.HFDeimv2Integration())
 register_integration(HFLwDetrIntegration())
 register_integration(HFRfDetrIntegration())
+register_integration(HFGroundingDinoIntegration("GroundingDino"))
+register_integration(HFGroundingDinoIntegration("MMGroundingDino"))
+register_integration(HFOmDetTurboIntegration())
 
 __all__ = [
     "DecoderSpec",
@@ -84,4 +89,6 @@ __all__ = [
     "unwrap",
     "use_fast_deformable_attention",
     "wrap",
+    "HFGroundingDinoIntegration",
+    "HFOmDetTurboIntegration",
 ]

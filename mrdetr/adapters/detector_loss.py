@@ -100,7 +100,8 @@ class DetectorLoss:
         outputs = route_store.peek(self.decoder)
         if outputs is None:  # the decoder ran in eval, or not at all
             return out
-        preds = hf_route_predictions(self.detector, outputs)
+        # the detector's output: Grounding DINO's loss inputs come from its input_ids
+        preds = hf_route_predictions(self.detector, outputs, None if as_tuple else out)
         aux = {r: preds[r] for r, w in self.weights.items() if w}
         aux_loss, aux_dict = host_auxiliary_loss(self.detector, aux, labels, self.weights)
         if as_tuple:

@@ -137,7 +137,12 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
 
     pre = route.get(family.pre_layer) if family.pre_layer else None
     logits, boxes = _get(route, "pred_logits", ""), _get(route, "pred_boxes", "")
-    args = [logits, labels, logits.device, boxes, config]
+    text = []
+    for key in family.text_inputs:  # Grounding DINO: label_maps, text_mask (from the prompt)
+        if key not in route:
+            raise ValueError(f"route_predictions has no {key!r} (keys: {sorted(route)})")
+        text.append(route[key])
+    args = [logits, labels, logits.device, boxes, config, *text]
     args += [stack("pred_logits", pre), stack("pred_boxes", pre)]
     kwargs = {kw: stack(key) for key, kw in family.layer_extras}
     enc, stand_in = route.get("enc_outputs"), False
@@ -150,6 +155,8 @@ def _loss_arguments(family: HostLossFamily, model, route: Mapping, labels):
         )
         if family.encoder == "topk":
             kwargs.update(enc_topk_logits=pair[0], enc_topk_bboxes=pair[1])
+        elif family.encoder == "keywords":
+            kwargs.update(encoder_logits=pair[0], encoder_pred_boxes=pair[1])
         else:
             args.extend(pair)
     return args, kwargs, stand_in

@@ -14,7 +14,10 @@ outputs_coord, *encoder, **keywords) -> (loss, loss_dict, auxiliary_outputs)``. 
 - ``encoder``: how encoder proposals reach the loss: ``"none"`` (not supervised by the loss),
   ``"topk"`` (keywords ``enc_topk_logits`` / ``enc_topk_bboxes``, supervised after the decoder
   layers as ``*_aux_{L-1}``) or ``"positional"`` (LW-DETR: the 8th and 9th arguments,
-  supervised as ``*_enc``);
+  supervised as ``*_enc``) or ``"keywords"`` (Grounding DINO: ``encoder_logits`` /
+  ``encoder_pred_boxes``, supervised as ``*_enc``);
+- ``text_inputs``: keys of the route's predictions passed positionally after ``config``
+  (Grounding DINO: ``label_maps``, ``text_mask``, built from the prompt);
 - ``layer_extras``: per-layer prediction keys stacked like ``outputs_class`` and passed as
   keywords (D-FINE / DEIM: ``pred_corners`` -> ``predicted_corners``, ``ref_points`` ->
   ``initial_reference_points``);
@@ -56,6 +59,15 @@ def _detr_weights(config) -> dict[str, float]:
     }
 
 
+def _text_tokens(config) -> str:
+    return "text_tokens"
+
+
+def _grounding_weights(config) -> dict[str, float]:
+    return {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient,
+            "loss_giou": config.giou_loss_coefficient}  # fmt: skip
+
+
 def _unit_weights(config) -> dict[str, float]:
     return {}  # every value is already weighted: weight 1
 
@@ -74,6 +86,7 @@ class HostLossFamily:
     layer_extras: tuple[tuple[str, str], ...] = ()
     group_detr: bool = False
     pre_layer: str | None = None
+    text_inputs: tuple[str, ...] = ()
     term_weights: Callable[[object], dict[str, float]] = _unit_weights
 
     def encoder_key(self, key: str, num_layers: int) -> bool:
@@ -81,7 +94,7 @@ class HostLossFamily:
         decoder layers)."""
         if self.encoder == "topk":
             return key.endswith(f"_aux_{num_layers - 1}")
-        if self.encoder == "positional":
+        if self.encoder in ("positional", "keywords"):
             return key.endswith("_enc")
         return False
 
@@ -155,10 +168,20 @@ FAMILIES: tuple[HostLossFamily, ...] = (
         class_score=_sigmoid,
         group_detr=True,
     ),
+    HostLossFamily(
+        name="grounding_dino",
+        loss_types=("GroundingDinoForObjectDetection", "MMGroundingDinoForObjectDetection"),
+        matcher_sites=(("loss_grounding_dino", "GroundingDinoHungarianMatcher"),),
+        layer_dim=0,
+        encoder="keywords",
+        total="weighted",
+        term_weights=_grounding_weights,
+        class_score=_text_tokens,
+        text_inputs=("label_maps", "text_mask"),
+    ),
 )
 """The families whose own loss :func:`~mrdetr.adapters.host_loss.host_route_loss` can call. Not
-here: ``grounding_dino`` / ``mm_grounding_dino`` (text-conditioned logits and matcher),
-``omdet_turbo`` (no training loss in transformers) and the segmentation heads."""
+here: ``omdet_turbo`` (no training loss in transformers) and the segmentation heads."""
 
 
 def family_of(model) -> HostLossFamily:

@@ -20,15 +20,31 @@ from ..matching import OneToManyMatcher
 
 __all__ = ["CLASS_SCORES", "HostMatcher"]
 
-CLASS_SCORES = ("sigmoid", "softmax", "softmax_no_object")
+CLASS_SCORES = ("sigmoid", "softmax", "softmax_no_object", "text_tokens")
 """How a family turns logits into class probabilities: ``"sigmoid"`` (focal / VFL / MAL families:
 Deformable, Conditional, DAB, RT-DETR, D-FINE, DEIM, LW-DETR), ``"softmax"`` over the ``K``
 classes (RT-DETR with ``use_focal_loss=False``) or ``"softmax_no_object"`` over ``K + 1`` columns
-whose last is "no object" (DETR, Table Transformer)."""
+whose last is "no object" (DETR, Table Transformer); ``"text_tokens"``: sigmoid over text tokens,
+a class's probability the mean over its phrase's tokens (``outputs["label_maps"]``, Grounding
+DINO)."""
 
 # probabilities are turned into logits for the matcher, clamped away from 0 and 1 so that they
 # stay finite (the matcher refuses non-finite quality)
 _EPS = 1e-6
+
+
+def _phrase_logits(logits: Tensor, label_maps) -> Tensor:
+    """Per phrase, the logit of the mean token probability: ``[B, Q, max K_b]`` (padding
+    phrases: probability ``1e-6``)."""
+    if label_maps is None:
+        raise ValueError('HostMatcher: class_score "text_tokens" needs outputs["label_maps"]')
+    prob = logits.float().sigmoid()  # -inf past the prompt -> 0
+    k = max(m.shape[0] for m in label_maps)
+    out = prob.new_full((*prob.shape[:2], k), _EPS)
+    for b, m in enumerate(label_maps):
+        m = m.float()
+        out[b, :, : m.shape[0]] = prob[b] @ (m / m.sum(-1, keepdim=True).clamp(min=1)).t()
+    return torch.logit(out, eps=_EPS)
 
 
 class HostMatcher(nn.Module):
@@ -63,9 +79,12 @@ class HostMatcher(nn.Module):
     def extra_repr(self) -> str:
         return f"class_score={self.class_score!r}"
 
-    def match_logits(self, logits: Tensor) -> Tensor:
+    def match_logits(self, logits: Tensor, label_maps=None) -> Tensor:
         """``Tensor[B, Q, K]`` whose sigmoid is the family's class probability, from the
-        family's ``logits (Tensor[B, Q, K'])``."""
+        family's ``logits (Tensor[B, Q, K'])`` (``"text_tokens"``: ``K'`` text tokens and
+        ``label_maps``, ``B`` tensors ``[K_b, K']``, phrase -> tokens; ``K = max K_b``)."""
+        if self.class_score == "text_tokens":
+            return _phrase_logits(logits, label_maps)
         if self.class_score == "sigmoid":
             return logits
         prob = logits.float().softmax(-1)
@@ -93,7 +112,7 @@ class HostMatcher(nn.Module):
             raise ValueError(
                 f"HostMatcher: group_detr={group_detr} must divide the number of queries, Q = {q}"
             )
-        scores = self.match_logits(logits)
+        scores = self.match_logits(logits, outputs.get("label_maps"))
         ours = []
         for i, t in enumerate(targets):
             if "class_labels" not in t or "boxes" not in t:

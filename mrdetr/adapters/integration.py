@@ -54,6 +54,9 @@ class RouteOutputs:
         predictions: the family's own per-layer predictions by name, each ``[N', R, B, Q, ...]``
             (D-FINE / DEIMv2: logits, boxes, corner distributions, initial boxes; empty for
             families whose predictions come from their heads on ``hidden_states``).
+        context: what the family's prediction heads need besides the hidden states, the same
+            for every route (Grounding DINO: the text features ``[B, T, C]`` and token mask
+            ``[B, T]``); empty for most families.
     """
 
     routes: tuple[Route, ...]
@@ -62,6 +65,7 @@ class RouteOutputs:
     reference_points: Tensor | None = None
     boxes: Tensor | None = None
     predictions: dict[str, Tensor] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

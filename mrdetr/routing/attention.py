@@ -61,6 +61,15 @@ def _chunks(t: Tensor | None) -> tuple:
     return (None, None, None) if t is None else t.chunk(3)
 
 
+def _query_key_value(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its projections as ``query``/``key``/``value``/``out_proj``
+    linears with an int ``num_attention_heads`` (HF Grounding DINO, OmDet-Turbo)."""
+    names = ("query", "key", "value", "out_proj")
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in names) and isinstance(
+        getattr(module, "num_attention_heads", None), int
+    )
+
+
 def attention_weights(module: nn.Module) -> AttentionWeights:
     """The projections of ``module`` (see the module docstring for what is recognised).
 
@@ -115,6 +124,14 @@ def attention_weights(module: nn.Module) -> AttentionWeights:
         return AttentionWeights(
             q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, out.weight, out.bias,
             heads, drop, None if scale is None else float(scale),
+        )  # fmt: skip
+    if _query_key_value(module):  # Grounding DINO, OmDet-Turbo: query/key/value + out_proj
+        q, k, v, out = module.query, module.key, module.value, module.out_proj
+        drop = getattr(module, "dropout", 0.0)
+        drop = float(drop.p if isinstance(drop, nn.Dropout) else drop)
+        return AttentionWeights(
+            q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, out.weight, out.bias,
+            module.num_attention_heads, drop,
         )  # fmt: skip
     raise TypeError(
         f"module: expected a self-attention with in_proj_weight + out_proj "

@@ -185,7 +185,8 @@ def tiny_model(
         num_queries: object queries (LW-DETR / RF-DETR: per group; two groups in training).
         d_model: decoder channels (32 or 64 keep it tiny; a multiple of 32).
 
-    Every dropout of the config is 0, so two forward passes on equal inputs are equal.
+    Every dropout (and drop path) of the config and its text model is 0, so two forward passes
+    on equal inputs are equal.
 
     Raises:
         ValueError: an unknown ``family`` or a ``d_model`` that is not a positive multiple of 32.
@@ -198,9 +199,11 @@ def tiny_model(
         raise ImportError(f"the installed transformers has no {family!r} family")
     tf = importlib.import_module("transformers")
     config = _config(tf, family, d_model, num_queries, num_labels)
-    for name, value in vars(config).items():  # deterministic passes: tests compare two models
-        if "dropout" in name and isinstance(value, float):
-            setattr(config, name, 0.0)
+    text = getattr(config, "text_config", None)  # BERT / CLIP text models drop out too
+    for cfg in (config, *([text] if text is not None else [])):
+        for name, value in vars(cfg).items():  # deterministic passes: tests compare two models
+            if ("dropout" in name or "droppath" in name) and isinstance(value, float):
+                setattr(cfg, name, 0.0)
     torch.manual_seed(seed)
     return getattr(tf, _CLASSES[family][1])(config).train()
 

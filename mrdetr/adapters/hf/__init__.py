@@ -7,7 +7,9 @@ from .d_fine import HFDeimv2Integration, HFDFineIntegration
 from .dab_detr import HFDabDetrIntegration
 from .deformable_detr import HFDeformableDetrIntegration
 from .detr import HFDetrIntegration
+from .grounding_dino import HFGroundingDinoIntegration
 from .lw_detr import HFLwDetrIntegration, HFRfDetrIntegration
+from .omdet_turbo import HFOmDetTurboIntegration
 from .predictions import hf_route_predictions
 from .rt_detr import HFRTDetrIntegration
 from .rt_detr_v2 import HFRTDetrV2Integration
@@ -27,4 +29,6 @@ __all__ = [
     "HFDeimv2Integration",
     "HFLwDetrIntegration",
     "HFRfDetrIntegration",
+    "HFGroundingDinoIntegration",
+    "HFOmDetTurboIntegration",
 ]

@@ -123,6 +123,11 @@ class HFDecoderIntegration(QueryTilingIntegration):
         ``route_layer_predictions(model, outputs, model_output) -> dict``: every route's
             per-layer predictions for :func:`hf_route_predictions` [``prediction_heads`` and
             ``encoder_predictions`` through :func:`~mrdetr.adapters.route_predictions`].
+        ``route_heads(model, outputs, num_layers)``: as ``prediction_heads``, for heads that
+            also read ``outputs.context`` (Grounding DINO's text) [``prediction_heads``].
+        ``loss_inputs(model, outputs, model_output, predictions) -> dict``: entries added to
+            every route's predictions for the family's loss (Grounding DINO: ``label_maps``,
+            ``text_mask``) [none].
         ``layer_modules(decoder) -> list[LayerModules]``: where each layer's self-attention,
             its norm and the FFN are [``self_attn``, ``self_attn_layer_norm``, the FFN].
         ``query_input_names(decoder) -> tuple``: the ``decoder.forward`` arguments tiled per
@@ -184,9 +189,19 @@ class HFDecoderIntegration(QueryTilingIntegration):
         boxes = self.route_boxes(model, outputs)
         if boxes is not None:  # the family's own box rule (LW-DETR)
             outputs = dataclasses.replace(outputs, boxes=boxes)
-        classes, boxes = self.prediction_heads(model, outputs.hidden_states.shape[0])
+        classes, boxes = self.route_heads(model, outputs, outputs.hidden_states.shape[0])
         enc = None if model_output is None else self.encoder_predictions(model_output)
         return route_predictions(outputs, classes, boxes, enc_outputs=enc)
+
+    def route_heads(self, model: nn.Module, outputs, num_layers: int):
+        """``prediction_heads`` for heads that depend on the pass (``outputs``: the
+        :class:`~mrdetr.adapters.RouteOutputs`); default: ``prediction_heads(model,
+        num_layers)``."""
+        return self.prediction_heads(model, num_layers)
+
+    def loss_inputs(self, model, outputs, model_output, predictions) -> dict:
+        """Entries added to every route's predictions for the family's loss (default: none)."""
+        return {}
 
     def tile_inputs(self, decoder, args, kwargs, num_routes) -> RoutePass:
         bound = inspect.signature(type(decoder).forward).bind(decoder, *args, **kwargs)

@@ -43,4 +43,9 @@ def hf_route_predictions(
     Raises:
         TypeError: ``model`` is not the detector of a registered HF family.
     """
-    return _family(model).route_layer_predictions(model, outputs, model_output)
+    family = _family(model)
+    predictions = family.route_layer_predictions(model, outputs, model_output)
+    extra = family.loss_inputs(model, outputs, model_output, predictions)
+    for route in predictions.values():
+        route.update(extra)
+    return predictions
