@@ -43,7 +43,9 @@ test: venv
 HF457_VENV ?= .venv457
 HF457_STAMP := $(HF457_VENV)/.mrdetr-installed
 HF_TESTS := tests/test_adapters_hf.py tests/test_adapters_hf_fast_attention.py \
-	tests/test_examples_hf.py tests/test_export_hf.py
+	tests/test_examples_hf.py tests/test_export_hf.py tests/test_host_loss.py \
+	tests/test_hf_families_fixture.py $(wildcard tests/test_hf_family_*.py) \
+	tests/test_hf_lw_detr_routes.py tests/test_hf_trainer.py tests/test_wrap_faults.py
 PURELIB := import sysconfig; print(sysconfig.get_paths()["purelib"])
 
 $(HF457_STAMP): $(STAMP)
