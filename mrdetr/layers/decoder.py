@@ -143,6 +143,7 @@ class MultiRouteDecoder(nn.Module):
         key_padding_mask: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
         num_denoising: int = 0,
+        spatial_shapes_list: list[tuple[int, int]] | None = None,
     ) -> MultiRouteDecoderOutput:
         """Decode every route through all layers.
 
@@ -162,6 +163,10 @@ class MultiRouteDecoder(nn.Module):
                 (the detector's box heads, not registered here); enables iterative refinement.
             key_padding_mask, self_attn_mask, num_denoising: as
                 :meth:`MultiRouteDecoderLayer.forward`.
+            spatial_shapes_list: ``spatial_shapes`` as host ``(h, w)`` integers. Without it the
+                decoder reads ``spatial_shapes`` once per call (one device-to-host read instead
+                of one per layer, forward and backward); under ``torch.compile`` it leaves the
+                tensors to the op.
 
         Returns:
             :class:`MultiRouteDecoderOutput`. In eval mode only the primary route runs (R = 1),
@@ -173,6 +178,8 @@ class MultiRouteDecoder(nn.Module):
         query, reference_points, query_pos = eval_prefix(
             self.training, self.layers[0].num_eval_routes, query, reference_points, query_pos
         )
+        if spatial_shapes_list is None and not torch.compiler.is_compiling():
+            spatial_shapes_list = [tuple(hw) for hw in spatial_shapes.tolist()]
         x, ref, ref_pred = query, reference_points, reference_points
         hidden, refs, boxes, balance = [], [], [], {}
         moe = any(r.ffn_experts for r in self.routes)
@@ -193,6 +200,7 @@ class MultiRouteDecoder(nn.Module):
                 key_padding_mask=key_padding_mask,
                 self_attn_mask=self_attn_mask,
                 num_denoising=num_denoising,
+                spatial_shapes_list=spatial_shapes_list,
             )
             if moe:  # only then the layer returns a pair (a layer's hooks see what they saw)
                 x, layer_balance = layer(x, **inputs, return_balance_losses=True)

@@ -195,6 +195,7 @@ class MultiRouteDecoderLayer(nn.Module):
         self_attn_mask: Tensor | None = None,
         num_denoising: int = 0,
         return_balance_losses: bool = False,
+        spatial_shapes_list: list[tuple[int, int]] | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Run the routes present in ``query`` (``R`` = all routes, or 1 = the primary alone).
 
@@ -210,6 +211,9 @@ class MultiRouteDecoderLayer(nn.Module):
                 added to the logits; integer dtypes raise ``TypeError``); the same for every
                 route.
             num_denoising: leading denoising queries (DINO); they never see instruction tokens.
+            spatial_shapes_list: ``spatial_shapes`` as host ``(h, w)`` integers; given, the
+                deformable attention reads nothing from the device (see
+                :func:`mrdetr.ops.ms_deform_attn`).
             return_balance_losses: also return the load-balancing losses
                 ``{route name: Tensor[]}`` of this call's mixture-of-experts FFNs (routes that
                 ran; ``{}`` without).
@@ -229,9 +233,8 @@ class MultiRouteDecoderLayer(nn.Module):
         routes = self.routes[: query.shape[0]]
         x = self._self_attention(query, query_pos, routes, self_attn_mask, num_denoising)
         qp = x if query_pos is None else x + query_pos
-        ca = self._cross_attention(
-            qp, reference_points, routes, value, spatial_shapes, level_start_index, key_padding_mask
-        )
+        levels = (spatial_shapes, level_start_index, spatial_shapes_list)
+        ca = self._cross_attention(qp, reference_points, routes, value, levels, key_padding_mask)
         x = self.norm2(x + self.dropout(ca))
         balance: dict[str, Tensor] = {}
         out = self.norm3(x + self.dropout(self._ffn(x, routes, balance)))
@@ -268,14 +271,15 @@ class MultiRouteDecoderLayer(nn.Module):
         packs = self.plan.packs("self_attn", len(routes))
         return dispatch(RouteStack(len(routes)), packs, run, query, query_pos)
 
-    def _cross_attention(self, qp, ref, routes, value, shapes, start, kpm) -> Tensor:
+    def _cross_attention(self, qp, ref, routes, value, levels, kpm) -> Tensor:
         """Deformable cross-attention, one packed call for the routes sharing it; [R, B, Q, C]."""
 
         def run(pack, q, r):
             attn = self.cross_attn if pack.owner is None else self.aux[pack.owner].cross_attn
             q = rearrange(q, "r b q c -> b (r q) c")
             r = rearrange(r, "r b q ... -> b (r q) ...")
-            y = attn(q, r, value, shapes, start, kpm)  # [B, R'*Q, C]
+            shapes, start, shapes_list = levels
+            y = attn(q, r, value, shapes, start, kpm, spatial_shapes_list=shapes_list)
             return rearrange(y, "b (r q) c -> r b q c", r=len(pack.routes))
 
         packs = self.plan.packs("cross_attn", len(routes))
