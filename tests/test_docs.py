@@ -19,6 +19,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 REQUIRES = {
     "demo.md": ("pycocotools", "matplotlib"),
     "deploy.md": ("onnx", "onnxscript", "onnxruntime"),
+    "getting_started.md": ("transformers",),
     "integrations.md": ("transformers",),
 }
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
