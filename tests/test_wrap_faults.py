@@ -101,3 +101,14 @@ def test_unwrap_restores_the_detector_forward():
     assert "forward" not in model.__dict__
     batch = tiny_batch(model)
     assert torch.equal(model(**batch).loss, plain(**batch).loss)
+
+
+def test_a_zero_weight_leaves_only_that_route_out():
+    model = tiny_model("deformable_detr")
+    plain = copy.deepcopy(model)
+    adapters.wrap(model, route_weights={"aux_instruct": 0.0, "aux_ffn": 2.0})
+    batch = tiny_batch(model)
+    out = model(**batch)
+    assert any(k.startswith("aux_ffn/") for k in out.loss_dict)
+    assert not any(k.startswith("aux_instruct/") for k in out.loss_dict)
+    assert not torch.equal(out.loss, plain(**batch).loss)

@@ -103,7 +103,8 @@ class DetectorLoss:
         # the detector's output: Grounding DINO's loss inputs come from its input_ids
         preds = hf_route_predictions(self.detector, outputs, None if as_tuple else out)
         aux = {r: preds[r] for r, w in self.weights.items() if w}
-        aux_loss, aux_dict = host_auxiliary_loss(self.detector, aux, labels, self.weights)
+        weights = {r: w for r, w in self.weights.items() if w}
+        aux_loss, aux_dict = host_auxiliary_loss(self.detector, aux, labels, weights)
         if as_tuple:
             loss_dict = out[1] if len(out) > 1 and isinstance(out[1], dict) else None
             rest = out[2:] if loss_dict is not None else out[1:]
