@@ -21,6 +21,10 @@ from mrdetr import adapters, routes
 from mrdetr.testing.hf_families import tiny_batch, tiny_model
 
 ROUTES = routes.mr_detr(num_instruction_tokens=3)
+# parameters whose gradient is exactly 0 by the host's design, as the host's own copy's:
+# Table Transformer is pre-norm and its queries enter as zeros, so the first layer's
+# self-attention norm normalises zeros (tests/test_hf_family_detr.py shows the host's is 0 too)
+ZERO_GRAD = {"table_transformer": {"aux.0.aux_instruct.self_attn_norm.weight"}}
 AUX = [r.name for r in ROUTES[1:]]
 
 
@@ -83,7 +87,8 @@ def check_route_loss(family: str) -> None:
     added = _added(model)
     assert added
     for name, p in added.items():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        if name not in ZERO_GRAD.get(family, ()):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
     # the primary route's own loss (the unwrapped model's) never reaches the routes' parameters
     model.zero_grad()
     adapters.unwrap(model)

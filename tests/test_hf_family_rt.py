@@ -60,39 +60,12 @@ def _aux_params(model) -> dict:
     return dict(model.model.decoder.mrdetr_routes.named_parameters())
 
 
-# --- the checks every family passes ---------------------------------------------------------
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_detected_by_its_own_integration(family):
     model = _wrapped(family)
     decoder = model.model.decoder
     assert type(decoder).__name__ == DECODERS[family]
     assert decoder.mrdetr_routes.integration.decoder_class == DECODERS[family]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_eval_bitwise(family):
-    _available(family)
-    checks.check_eval_bitwise(family)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_round_trip(family, tmp_path):
-    _available(family)
-    checks.check_round_trip(family, tmp_path)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_train_primary(family):
-    _available(family)
-    checks.check_train_primary(family)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_route_loss(family):
-    _available(family)
-    checks.check_route_loss(family)
 
 
 # --- family-specific ------------------------------------------------------------------------
