@@ -2,6 +2,7 @@
 one set at a time (MultiRouteCriterion.flat_losses), including sets of two shapes, a set with no
 pair, a prediction matched to several gts, and gradients."""
 
+import pytest
 import torch
 
 from mrdetr import MultiRouteCriterion, RouteMatcher, routes
@@ -51,3 +52,15 @@ def test_batched_equals_one_set_at_a_time_with_gradients():
                     assert (a is None or not a.any()) and (b is None or not b.any())
                 else:
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiles_with_fullgraph():
+    sets, labels, boxes = _sets(torch.Generator().manual_seed(0))
+    num = torch.tensor(4.0)
+    compiled = torch.compile(grouped_set_losses, fullgraph=True)
+    got = compiled(sets, labels, boxes, num, 0.25, 2.0)
+    want = grouped_set_losses(sets, labels, boxes, num, 0.25, 2.0)
+    for a, b in zip(got, want, strict=True):
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
