@@ -18,7 +18,7 @@ def test_import_mrdetr_does_not_import_dynamo():
     # mrdetr.adapters is not imported by `import mrdetr`; its wrap.py still applies
     # torch.compiler.disable at import (which imports torch._dynamo).
     code = (
-        "import json, sys, mrdetr, mrdetr.ops, mrdetr.layers; "
+        "import json, sys, mrdetr, mrdetr.ops, mrdetr.layers, mrdetr.adapters; "
         "print(json.dumps([mrdetr.__file__, 'torch._dynamo' in sys.modules]))"
     )
     proc = subprocess.run(
