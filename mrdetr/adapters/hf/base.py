@@ -53,10 +53,11 @@ class HFSelfAttentionCall:
         return out, None
 
 
-def _slice_output(output, layout: RouteLayout, i: int, layer_fields: tuple[str, ...] = ()):
-    """Route ``i`` of an HF ``ModelOutput`` (``intermediate_*`` fields and ``layer_fields``
-    ``[B, N, L, ...]``, the others ``[B, L, ...]`` or tuples of them); tensors without ``L``
-    queries are kept."""
+def slice_route(output, layout: RouteLayout, i: int, dims: dict[str, int]):
+    """Route ``i`` of a decoder ``ModelOutput``: each tensor field (or tuple of them) split
+    along its query axis, ``dims[name]``, else 2 for ``intermediate_*`` fields
+    (``[B, N, L, ...]``) and 1 for the others (``[B, L, ...]``); fields whose axis does not hold
+    the ``L`` packed queries are kept."""
 
     def take(t, dim):
         if not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != layout.length:
@@ -65,11 +66,10 @@ def _slice_output(output, layout: RouteLayout, i: int, layer_fields: tuple[str, 
 
     fields = {}
     for name, value in output.items():
-        dim = 2 if name.startswith("intermediate_") or name in layer_fields else 1
-        if isinstance(value, tuple):
-            fields[name] = tuple(take(t, dim) for t in value)
-        else:
-            fields[name] = take(value, dim)
+        dim = dims.get(name, 2 if name.startswith("intermediate_") else 1)
+        fields[name] = (
+            tuple(take(t, dim) for t in value) if isinstance(value, tuple) else take(value, dim)
+        )
     return type(output)(**fields)
 
 
@@ -101,9 +101,10 @@ class HFDecoderIntegration(QueryTilingIntegration):
         query_inputs: the decoder ``forward`` arguments holding one entry per query along
             dim 1 (``[B, L, ...]``), tiled per route; a training call must give them. The query
             position argument (named differently in 4.57 and 5.x) is tiled too, when given.
-        layer_fields: the decoder output fields besides ``intermediate_*`` stacked per layer
-            (``[B, N, L, ...]``), sliced per route along dim 2 [none; D-FINE:
-            ``initial_reference_points``].
+        output_query_dims: the query axis of decoder output fields that hold the packed
+            queries elsewhere than dim 2 (``intermediate_*``) or dim 1 (the others) [none;
+            D-FINE ``{"initial_reference_points": 2}``, Conditional-DETR
+            ``{"reference_points": 0}``].
 
     Hooks (override where the family differs; defaults in brackets):
         ``num_denoising(decoder, num_inputs) -> int``: leading denoising queries among the
@@ -137,7 +138,7 @@ class HFDecoderIntegration(QueryTilingIntegration):
     decoder_class = ""
     detector_class = ""
     query_inputs: tuple[str, ...] = ("inputs_embeds", "reference_points")
-    layer_fields: tuple[str, ...] = ()
+    output_query_dims: dict[str, int] = {}
 
     def find_decoder(self, model: nn.Module) -> nn.Module | None:
         found = [m for m in model.modules() if is_hf(m, self.decoder_class)]
@@ -225,7 +226,7 @@ class HFDecoderIntegration(QueryTilingIntegration):
 
     def split_outputs(self, decoder, output, route_pass: RoutePass):
         def route(i):
-            part = _slice_output(output, route_pass.layout, i, self.layer_fields)
+            part = slice_route(output, route_pass.layout, i, self.output_query_dims)
             return part.to_tuple() if route_pass.inputs["as_tuple"] else part  # as asked
 
         names = [r.name for r in decoder.mrdetr_routes.routes]

@@ -27,7 +27,6 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from ...routing import split
 from ..hf_compat import layer_hidden
 from .base import HFDecoderIntegration
 
@@ -112,46 +111,13 @@ class ProjectedAttentionCall:
         return fn(hidden_states=q, key_states=keys, value_states=values)[0]
 
 
-def slice_route(output, layout, i: int, dims: dict[str, int]):
-    """Route ``i`` of a decoder ``ModelOutput``: each tensor field (or tuple of them) split
-    along its query axis, ``dims[name]`` or 2 for ``intermediate_*`` fields, else 1; fields
-    whose axis does not hold the ``L`` packed queries are kept."""
-
-    def take(t, dim):
-        if not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != layout.length:
-            return t
-        return split(t, layout, dim)[i]
-
-    fields = {}
-    for name, value in output.items():
-        dim = dims.get(name, 2 if name.startswith("intermediate_") else 1)
-        fields[name] = (
-            tuple(take(t, dim) for t in value) if isinstance(value, tuple) else take(value, dim)
-        )
-    return type(output)(**fields)
-
-
 class HFContentPositionIntegration(HFDecoderIntegration):
-    """What Conditional- and DAB-DETR share (subclass per family).
-
-    Attributes:
-        output_query_dims: query axis of the decoder output fields not on dim 1 (nor
-            ``intermediate_*`` on dim 2), e.g. ``{"reference_points": 0}``.
-    """
-
-    output_query_dims: dict[str, int] = {}
+    """What Conditional- and DAB-DETR share (subclass per family; each names the query axis
+    of its ``reference_points`` output in ``output_query_dims``)."""
 
     def layer_hidden(self, decoder, layer_output) -> Tensor:
         """The layer's output through the decoder's final ``layernorm`` (its intermediates)."""
         return decoder.layernorm(layer_hidden(layer_output))
-
-    def split_outputs(self, decoder, output, route_pass):
-        def route(i):
-            part = slice_route(output, route_pass.layout, i, self.output_query_dims)
-            return part.to_tuple() if route_pass.inputs["as_tuple"] else part
-
-        names = [r.name for r in decoder.mrdetr_routes.routes]
-        return route(0), {name: route(i) for i, name in enumerate(names) if i > 0}
 
     def train_forward(self, decoder, state, forward, args, kwargs):
         """As the base, with the last layer's hidden states the decoder's own

@@ -44,7 +44,7 @@ class HFDFineIntegration(HFRTDetrIntegration):
     name = "transformers DFineDecoder"
     decoder_class = "DFineDecoder"
     detector_class = "DFineForObjectDetection"
-    layer_fields = ("initial_reference_points",)
+    output_query_dims = {"initial_reference_points": 2}
 
     def route_geometry(self, decoder, output, route_pass):
         """Every layer's refined boxes, and the decoder's per-layer predictions, per route
