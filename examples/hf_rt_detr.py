@@ -61,7 +61,7 @@ def _per_route(loss_dict: dict, names: list[str]) -> dict[str, float]:
     total = dict.fromkeys(names, 0.0)
     for key, value in loss_dict.items():
         route = key.split("/")[0] if "/" in key else names[0]
-        total[route] += float(value)
+        total[route] += float(value.detach())
     return total
 
 
