@@ -112,3 +112,16 @@ def test_a_zero_weight_leaves_only_that_route_out():
     assert any(k.startswith("aux_ffn/") for k in out.loss_dict)
     assert not any(k.startswith("aux_instruct/") for k in out.loss_dict)
     assert not torch.equal(out.loss, plain(**batch).loss)
+
+
+def test_no_route_loss_from_an_earlier_step_when_the_decoder_ran_in_eval():
+    model = tiny_model("deformable_detr")
+    plain = copy.deepcopy(model)
+    adapters.wrap(model)
+    batch = tiny_batch(model)
+    model(**batch)  # a training step leaves its routes' outputs
+    model.model.decoder.eval()  # the routes do not run: no route loss, none stale either
+    plain.model.decoder.eval()
+    out = model(**batch)
+    assert not any("/" in k for k in out.loss_dict)
+    assert torch.equal(out.loss, plain(**batch).loss)

@@ -89,6 +89,7 @@ class DetectorLoss:
             return None
 
     def __call__(self, *args, **kwargs):
+        route_store.drop(self.decoder)  # below, only this call's routes may be found
         out = self.original()(*args, **kwargs)
         labels = self._labels(args, kwargs)
         if not self.detector.training or labels is None or not any(self.weights.values()):
@@ -102,8 +103,8 @@ class DetectorLoss:
             return out
         # the detector's output: Grounding DINO's loss inputs come from its input_ids
         preds = hf_route_predictions(self.detector, outputs, None if as_tuple else out)
-        aux = {r: preds[r] for r, w in self.weights.items() if w}
-        weights = {r: w for r, w in self.weights.items() if w}
+        weights = {r: w for r, w in self.weights.items() if w}  # a weight of 0: not computed
+        aux = {r: preds[r] for r in weights}
         aux_loss, aux_dict = host_auxiliary_loss(self.detector, aux, labels, weights)
         if as_tuple:
             loss_dict = out[1] if len(out) > 1 and isinstance(out[1], dict) else None
