@@ -295,22 +295,18 @@ class MultiRouteCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
         keys = LossKeys(self.key_style, next(iter(self.matcher)), self.weight_dict)
         total = like.new_zeros(())
-        batched = None
-        if self.classification == "sigmoid":  # every set's losses in one batched computation
-            batched = iter(grouped_set_losses(
-                [(out, m.flat) for (*_, out, _), m in zip(jobs, found, strict=True)],
-                packed.labels, packed.boxes, num_boxes, self.focal_alpha, self.focal_gamma,
-            ))  # fmt: skip
+        batched = iter(grouped_set_losses(  # every set's losses in one batched computation
+            [(out, m.flat) for (*_, out, _), m in zip(jobs, found, strict=True)],
+            packed.labels, packed.boxes, num_boxes, self.focal_alpha, self.focal_gamma,
+            classification=self.classification, eos_coef=self.eos_coef,
+        ))  # fmt: skip
         done = iter(zip(jobs, found, strict=True))
         for route, sets in routes.items():
             route_weight = self.route_weights.get(route, 1.0)
             for _ in range(sum(job[0] == route for job in jobs)):
                 (_, suffix, label, out, _), match = next(done)
                 scale = route_weight * (self.encoder_weight if suffix == "enc" else 1.0)
-                if batched is not None:
-                    terms = next(batched)
-                else:
-                    terms = self.flat_losses(out, packed, *match.flat, num_boxes)
+                terms = next(batched)
                 if self.mask_loss is not None and out.get("pred_masks") is not None:
                     terms.update(self.mask_set_losses(out, targets, match.pairs, num_boxes))
                 for term, value in terms.items():

@@ -1,6 +1,7 @@
 """grouped_set_losses (every prediction set in one batched computation) against the losses of
-one set at a time (MultiRouteCriterion.flat_losses), including sets of two shapes, a set with no
-pair, a prediction matched to several gts, and gradients."""
+one set at a time (MultiRouteCriterion.flat_losses), sigmoid focal and DETR's softmax with a
+no-object class, including sets of two shapes, a set with no pair, a prediction matched to
+several gts, and gradients."""
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ from mrdetr.criterion_batch import grouped_set_losses
 from mrdetr.matching.inputs import pack_targets
 
 
-def _sets(g):
+def _sets(g, num_labels=5):
     b, k, n = 2, 5, 7
-    labels = torch.randint(0, k, (n,), generator=g)
+    labels = torch.randint(0, num_labels, (n,), generator=g)
     boxes = torch.cat([0.2 + 0.6 * torch.rand(n, 2, generator=g),
                        0.05 + 0.2 * torch.rand(n, 2, generator=g)], 1)  # fmt: skip
     sets = []
@@ -28,16 +29,20 @@ def _sets(g):
     return sets, labels, boxes
 
 
-def test_batched_equals_one_set_at_a_time_with_gradients():
-    sets, labels, boxes = _sets(torch.Generator().manual_seed(0))
-    criterion = MultiRouteCriterion(5, RouteMatcher.for_routes(routes.mr_detr()))
+@pytest.mark.parametrize("classification", ["sigmoid", "softmax"])
+def test_batched_equals_one_set_at_a_time_with_gradients(classification):
+    k = 5 if classification == "sigmoid" else 4  # softmax: 5 logits, the last no-object
+    sets, labels, boxes = _sets(torch.Generator().manual_seed(0), num_labels=k)
+    matcher = RouteMatcher.for_routes(routes.mr_detr(), classification=classification)
+    criterion = MultiRouteCriterion(k, matcher, classification=classification, eos_coef=0.3)
     targets = [
         {"labels": labels[:3], "boxes": boxes[:3]},
         {"labels": labels[3:], "boxes": boxes[3:]},
     ]
-    packed = pack_targets(targets, 2, 5, boxes, "test", values=False)
+    packed = pack_targets(targets, 2, k, boxes, "test", values=False)
     num = torch.tensor(4.0)
-    got = grouped_set_losses(sets, packed.labels, packed.boxes, num, 0.25, 2.0)
+    got = grouped_set_losses(sets, packed.labels, packed.boxes, num, 0.25, 2.0,
+                             classification=classification, eos_coef=0.3)  # fmt: skip
     for (out, flat), terms in zip(sets, got, strict=True):
         want = criterion.flat_losses(out, packed, *flat, num)
         assert terms.keys() == want.keys()
@@ -55,12 +60,14 @@ def test_batched_equals_one_set_at_a_time_with_gradients():
 
 
 @pytest.mark.slow
-def test_compiles_with_fullgraph():
-    sets, labels, boxes = _sets(torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("classification", ["sigmoid", "softmax"])
+def test_compiles_with_fullgraph(classification):
+    sets, labels, boxes = _sets(torch.Generator().manual_seed(0), num_labels=4)
     num = torch.tensor(4.0)
+    kw = {"classification": classification, "eos_coef": 0.3}
     compiled = torch.compile(grouped_set_losses, fullgraph=True)
-    got = compiled(sets, labels, boxes, num, 0.25, 2.0)
-    want = grouped_set_losses(sets, labels, boxes, num, 0.25, 2.0)
+    got = compiled(sets, labels, boxes, num, 0.25, 2.0, **kw)
+    want = grouped_set_losses(sets, labels, boxes, num, 0.25, 2.0, **kw)
     for a, b in zip(got, want, strict=True):
         for key in b:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

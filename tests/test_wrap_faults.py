@@ -125,3 +125,21 @@ def test_no_route_loss_from_an_earlier_step_when_the_decoder_ran_in_eval():
     out = model(**batch)
     assert not any("/" in k for k in out.loss_dict)
     assert torch.equal(out.loss, plain(**batch).loss)
+
+
+@pytest.mark.parametrize("family", ["conditional_detr", "table_transformer"])
+def test_decoder_layerdrop_is_refused_at_wrap_and_in_training(family):
+    model = tiny_model(family)
+    decoder = model.model.decoder
+    decoder.layerdrop = 0.5
+    with pytest.raises(ValueError, match=r"layerdrop = 0.5 skips whole decoder layers"):
+        adapters.wrap(model)
+    assert not adapters.is_wrapped(model)
+    decoder.layerdrop = 0.0
+    adapters.wrap(model)
+    batch = tiny_batch(model)
+    decoder.layerdrop = 0.25  # set after wrap: refused at the training call, not an IndexError
+    with pytest.raises(RuntimeError, match=r"layerdrop = 0.25 .*Set decoder.layerdrop = 0.0"):
+        model(**batch)
+    model.eval()  # eval never drops layers: the original forward runs
+    model(pixel_values=batch["pixel_values"])

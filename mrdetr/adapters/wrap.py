@@ -89,6 +89,21 @@ def _refuse_checkpointing(decoder: nn.Module) -> None:
             _CHECKPOINTING + "Call model.gradient_checkpointing_disable() before training the "
             "wrapped model (checkpointing the backbone or encoder yourself is fine)"
         )
+    _refuse_layerdrop(decoder, RuntimeError)
+
+
+def _refuse_layerdrop(decoder: nn.Module, error: type[Exception]) -> None:
+    """HF decoders skip whole layers at random in training when ``decoder.layerdrop > 0``
+    (``config.decoder_layerdrop``): the routes' per-layer outputs would no longer line up with
+    the model's own, so it is refused instead of giving wrong losses or an ``IndexError``."""
+    p = getattr(decoder, "layerdrop", 0.0)
+    if isinstance(p, (int, float)) and p > 0:
+        raise error(
+            f"decoder layerdrop is not supported on a decoder wrapped by mrdetr: "
+            f"{type(decoder).__name__}.layerdrop = {p} skips whole decoder layers at random, "
+            "and the routes' per-layer outputs would no longer match the model's. Set "
+            "decoder.layerdrop = 0.0 (config.decoder_layerdrop = 0.0 before building the model)"
+        )
 
 
 def _decoders(model: nn.Module) -> list[nn.Module]:
@@ -150,8 +165,8 @@ def wrap(
         TypeError: no decoder recognised (the message shows the spec to pass); ``routes`` not a
             sequence of :class:`~mrdetr.routes.Route`.
         ValueError: a route set this family cannot run, the decoder is already wrapped, bad
-            ``route_weights``, or gradient checkpointing is on (not supported; see
-            ``docs/integrations.md``).
+            ``route_weights``, gradient checkpointing is on or the decoder drops layers at
+            random (``layerdrop > 0``): neither is supported (see ``docs/integrations.md``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -172,6 +187,7 @@ def wrap(
         )
     if _checkpointing(decoder):
         raise ValueError(_CHECKPOINTING + "Call model.gradient_checkpointing_disable() first")
+    _refuse_layerdrop(decoder, ValueError)
     with torch.inference_mode(False):  # parameters made under inference_mode would be unusable
         state = integration.attach(decoder, plan)
     decoder.mrdetr_routes = state
