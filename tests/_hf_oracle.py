@@ -50,19 +50,22 @@ class InstructHFAttention(nn.Module):
         return self.out(out), None
 
 
-def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
-    """A plain (unwrapped) copy of ``wrapped`` running route ``route_index`` alone."""
+def owned_by_layer(wrapped: nn.Module, route_index: int):
+    """Unwrap a copy of ``wrapped``: ``(copy, [(decoder layer, that route's OwnedModules or
+    None)])`` for route ``route_index`` (all None for the primary route)."""
     model = copy.deepcopy(wrapped)
     decoder = next(m for m in model.modules() if "mrdetr_routes" in m._modules)
     state = decoder.mrdetr_routes
     route = state.routes[route_index]
-    aux = [dict(a.items()) for a in state.aux]
+    owned = [None if route_index == 0 else dict(a.items()).get(route.name) for a in state.aux]
     adapters.unwrap(model)
-    if route_index == 0:
-        return model
-    heads = decoder.config.decoder_attention_heads
-    for layer, owned in zip(decoder.layers, aux, strict=True):
-        own = owned.get(route.name)
+    return model, list(zip(decoder.layers, owned, strict=True))
+
+
+def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
+    """A plain (unwrapped) copy of ``wrapped`` running route ``route_index`` alone."""
+    model, layers = owned_by_layer(wrapped, route_index)
+    for layer, own in layers:
         if own is None:
             continue
         if hasattr(own, "self_attn_norm"):
@@ -72,6 +75,7 @@ def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
         elif hasattr(own, "ffn"):  # 4.57: the FFN's linears on the layer
             layer.fc1, layer.fc2 = own.ffn
         if hasattr(own, "tokens"):
+            heads = model.config.decoder_attention_heads
             layer.self_attn = InstructHFAttention(
                 layer.self_attn, own.tokens, own.tokens_pos, heads
             )

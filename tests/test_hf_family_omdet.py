@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("transformers")
 
 from _hf_family_checks import ROUTES, check_eval_bitwise  # noqa: E402
-from _hf_oracle import randomise  # noqa: E402
+from _hf_oracle import owned_by_layer, randomise  # noqa: E402
 from _hf_text_oracle import InstructQKVAttention  # noqa: E402
 
 from mrdetr import adapters  # noqa: E402
@@ -110,13 +110,8 @@ def test_labels_still_raise_as_in_transformers():
 def _route_copy(wrapped, index: int):
     """A plain copy of ``wrapped`` running route ``index`` alone."""
     _clear_text_caches(wrapped)
-    model = copy.deepcopy(wrapped)
-    decoder = _decoder(model)
-    state = decoder.mrdetr_routes
-    route, aux = state.routes[index], [dict(a.items()) for a in state.aux]
-    adapters.unwrap(model)
-    for layer, owned in zip(decoder.layers, aux, strict=True):
-        own = owned.get(route.name)
+    model, layers = owned_by_layer(wrapped, index)
+    for layer, own in layers:
         if own is None:
             continue
         if hasattr(own, "self_attn_norm"):

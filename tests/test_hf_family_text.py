@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from _hf_family_checks import (  # noqa: E402
     ROUTES,
 )
-from _hf_oracle import randomise  # noqa: E402
+from _hf_oracle import owned_by_layer, randomise  # noqa: E402
 from _hf_text_oracle import InstructQKVAttention  # noqa: E402
 
 from mrdetr import adapters  # noqa: E402
@@ -41,13 +41,8 @@ def _one_thread():
 
 def _route_copy(wrapped, index: int):
     """A plain copy of ``wrapped`` running route ``index`` alone."""
-    model = copy.deepcopy(wrapped)
-    decoder = model.model.decoder
-    state = decoder.mrdetr_routes
-    route, aux = state.routes[index], [dict(a.items()) for a in state.aux]
-    adapters.unwrap(model)
-    for layer, owned in zip(decoder.layers, aux, strict=True):
-        own = owned.get(route.name)
+    model, layers = owned_by_layer(wrapped, index)
+    for layer, own in layers:
         if own is None:
             continue
         if hasattr(own, "self_attn_norm"):
