@@ -56,7 +56,15 @@ def grouped_set_losses(
 
     Returns:
         One ``{term: Tensor[]}`` per set, in the order of ``sets``.
+
+    Raises:
+        ValueError: ``classification`` is neither ``"sigmoid"`` nor ``"softmax"``.
     """
+    if classification not in ("sigmoid", "softmax"):
+        raise ValueError(
+            f"grouped_set_losses: classification must be 'sigmoid' or 'softmax', received "
+            f"{classification!r}"
+        )
     groups: dict[tuple, list[int]] = {}
     for i, (out, _) in enumerate(sets):
         groups.setdefault(_group_key(out), []).append(i)

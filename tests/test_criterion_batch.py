@@ -59,6 +59,13 @@ def test_batched_equals_one_set_at_a_time_with_gradients(classification):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_unknown_classification_is_named():
+    sets, labels, boxes = _sets(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"classification must be .* received 'focal'"):
+        grouped_set_losses(sets, labels, boxes, torch.tensor(1.0), 0.25, 2.0,
+                           classification="focal")  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("classification", ["sigmoid", "softmax"])
 def test_compiles_with_fullgraph(classification):
