@@ -62,23 +62,31 @@ def owned_by_layer(wrapped: nn.Module, route_index: int):
     return model, list(zip(decoder.layers, owned, strict=True))
 
 
-def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
-    """A plain (unwrapped) copy of ``wrapped`` running route ``route_index`` alone."""
-    model, layers = owned_by_layer(wrapped, route_index)
+def swap_owned(layers, norm: str, ffn: tuple[str, ...], attention) -> None:
+    """Put one route's owned modules (``layers`` from :func:`owned_by_layer`) in place of the
+    host's: its norm as ``layer.<norm>``, its FFN's modules as ``layer.<ffn[i]>``, and for an
+    instruction route ``attention(layer.self_attn, own)`` as ``layer.self_attn``."""
     for layer, own in layers:
         if own is None:
             continue
         if hasattr(own, "self_attn_norm"):
-            layer.self_attn_layer_norm = own.self_attn_norm
-        if hasattr(own, "ffn") and hasattr(layer, "mlp"):  # 5.x
-            (layer.mlp,) = own.ffn
-        elif hasattr(own, "ffn"):  # 4.57: the FFN's linears on the layer
-            layer.fc1, layer.fc2 = own.ffn
+            setattr(layer, norm, own.self_attn_norm)
+        if hasattr(own, "ffn"):
+            for name, module in zip(ffn, own.ffn, strict=True):
+                setattr(layer, name, module)
         if hasattr(own, "tokens"):
-            heads = model.config.decoder_attention_heads
-            layer.self_attn = InstructHFAttention(
-                layer.self_attn, own.tokens, own.tokens_pos, heads
-            )
+            layer.self_attn = attention(layer.self_attn, own)
+
+
+def route_copy(wrapped: nn.Module, route_index: int) -> nn.Module:
+    """A plain (unwrapped) copy of ``wrapped`` running route ``route_index`` alone."""
+    model, layers = owned_by_layer(wrapped, route_index)
+    heads = model.config.decoder_attention_heads
+    ffn = ("mlp",) if hasattr(layers[0][0], "mlp") else ("fc1", "fc2")  # 5.x / 4.57
+    swap_owned(
+        layers, "self_attn_layer_norm", ffn,
+        lambda attn, own: InstructHFAttention(attn, own.tokens, own.tokens_pos, heads),
+    )  # fmt: skip
     return model
 
 

@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from _threads import intra_op_threads  # noqa: E402
+
 from mrdetr.testing.hf_families import (  # noqa: E402
     FAMILIES,
     TEXT_FAMILIES,
@@ -44,10 +46,8 @@ NO_OBJECT_CLASS = ("detr", "table_transformer")  # softmax over K + 1 classes
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The models are tiny: one thread avoids oversubscription on busy CI machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(1):
+        yield
 
 
 def _model(family, **kwargs):

@@ -8,11 +8,11 @@ family group's own tests are in the other tests/test_hf_family_*.py files."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 import _hf_family_checks as checks  # noqa: E402
+from _threads import intra_op_threads  # noqa: E402
 
 from mrdetr.testing.hf_families import FAMILIES as ALL  # noqa: E402
 from mrdetr.testing.hf_families import family_available
@@ -26,10 +26,8 @@ FAMILIES = [
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a shared machine
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):  # tiny models: one thread is faster on a shared machine
+        yield
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 import _hf_family_checks  # noqa: E402
 from _hf_oracle import randomise, route_copy  # noqa: E402
+from _threads import intra_op_threads  # noqa: E402
 
 from mrdetr import adapters, routes  # noqa: E402
 from mrdetr.adapters.host_loss import host_route_loss  # noqa: E402
@@ -30,10 +31,8 @@ ROUTES = routes.mr_detr(num_instruction_tokens=3)
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with intra_op_threads(1):
+        yield
 
 
 _ZERO = "aux.0.aux_instruct.self_attn_norm.weight"  # see _hf_family_checks.ZERO_GRAD

@@ -18,8 +18,9 @@ import torch
 pytest.importorskip("transformers")
 
 from _hf_family_checks import ROUTES, check_eval_bitwise  # noqa: E402
-from _hf_oracle import owned_by_layer, randomise  # noqa: E402
+from _hf_oracle import owned_by_layer, randomise, swap_owned  # noqa: E402
 from _hf_text_oracle import InstructQKVAttention  # noqa: E402
+from _threads import intra_op_threads  # noqa: E402
 
 from mrdetr import adapters  # noqa: E402
 from mrdetr.testing.hf_families import family_available, tiny_batch, tiny_model  # noqa: E402
@@ -30,10 +31,8 @@ FIELDS = ("decoder_coord_logits", "decoder_class_logits", "encoder_coord_logits"
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        yield
 
 
 def _pair():
@@ -111,15 +110,12 @@ def _route_copy(wrapped, index: int):
     """A plain copy of ``wrapped`` running route ``index`` alone."""
     _clear_text_caches(wrapped)
     model, layers = owned_by_layer(wrapped, index)
-    for layer, own in layers:
-        if own is None:
-            continue
-        if hasattr(own, "self_attn_norm"):
-            layer.norm1 = own.self_attn_norm
-        if hasattr(own, "ffn"):
-            layer.linear1, layer.linear2 = own.ffn
-        if hasattr(own, "tokens"):
-            layer.self_attn = InstructQKVAttention(layer.self_attn, own.tokens, own.tokens_pos)
+    swap_owned(
+        layers,
+        "norm1",
+        ("linear1", "linear2"),
+        lambda attn, own: InstructQKVAttention(attn, own.tokens, own.tokens_pos),
+    )
     return model
 
 

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 import _hf_family_checks as checks  # noqa: E402
 from _hf_oracle import randomise, route_copy  # noqa: E402
+from _threads import intra_op_threads  # noqa: E402
 
 from mrdetr import adapters  # noqa: E402
 from mrdetr.adapters.host_loss import host_auxiliary_loss, host_route_loss  # noqa: E402
@@ -30,10 +31,8 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(1):
+        yield
 
 
 def _transformers_major() -> int:

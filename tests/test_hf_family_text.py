@@ -18,8 +18,9 @@ pytest.importorskip("transformers")
 from _hf_family_checks import (  # noqa: E402
     ROUTES,
 )
-from _hf_oracle import owned_by_layer, randomise  # noqa: E402
+from _hf_oracle import owned_by_layer, randomise, swap_owned  # noqa: E402
 from _hf_text_oracle import InstructQKVAttention  # noqa: E402
+from _threads import intra_op_threads  # noqa: E402
 
 from mrdetr import adapters  # noqa: E402
 from mrdetr.adapters.host_loss import host_auxiliary_loss, host_route_loss  # noqa: E402
@@ -33,24 +34,19 @@ FAMILIES = [
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(1):
+        yield
 
 
 def _route_copy(wrapped, index: int):
     """A plain copy of ``wrapped`` running route ``index`` alone."""
     model, layers = owned_by_layer(wrapped, index)
-    for layer, own in layers:
-        if own is None:
-            continue
-        if hasattr(own, "self_attn_norm"):
-            layer.self_attn_layer_norm = own.self_attn_norm
-        if hasattr(own, "ffn"):
-            layer.fc1, layer.fc2 = own.ffn
-        if hasattr(own, "tokens"):
-            layer.self_attn = InstructQKVAttention(layer.self_attn, own.tokens, own.tokens_pos)
+    swap_owned(
+        layers,
+        "self_attn_layer_norm",
+        ("fc1", "fc2"),
+        lambda attn, own: InstructQKVAttention(attn, own.tokens, own.tokens_pos),
+    )
     return model
 
 
